@@ -1,0 +1,70 @@
+"""Named errors shown to users as one clear line (the CLI prints ``str(err)``, never a traceback)."""
+
+from __future__ import annotations
+
+
+class LlmquantError(Exception):
+    """Base of every error llmquant reports to a user."""
+
+
+class ModelFileError(LlmquantError):
+    """A model file is missing, not a GGUF, truncated or has an invalid header."""
+
+    def __init__(self, path: object, problem: str):
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class UnknownTypeError(LlmquantError):
+    """A quantization type / ftype name that llmquant does not know."""
+
+    def __init__(self, name: str, known: list[str]):
+        self.name = name
+        self.known = known
+        super().__init__(f"unknown type {name!r}; expected one of: {', '.join(known)}")
+
+
+class DestinationError(LlmquantError):
+    """The output path cannot be written (folder missing, exists without --force, ...)."""
+
+    def __init__(self, path: object, problem: str):
+        self.path = path
+        super().__init__(f"{path}: {problem}")
+
+
+class TensorDataError(LlmquantError):
+    """A tensor's values cannot be quantized (NaN/Inf, wrong shape, ...)."""
+
+    def __init__(self, tensor: str, problem: str):
+        self.tensor = tensor
+        super().__init__(f"tensor {tensor!r}: {problem}")
+
+
+class RequantizeError(LlmquantError):
+    """The source is already quantized and --allow-requantize was not given."""
+
+
+class FormatError(LlmquantError):
+    """Bad arguments to a block format (row length, importance length, ...)."""
+
+
+class RecipeError(LlmquantError):
+    """llama.cpp's type rules cannot place a tensor (bad hyper-parameters, no fallback type, ...)."""
+
+    def __init__(self, tensor: str, problem: str):
+        self.tensor = tensor
+        self.problem = problem
+        super().__init__(f"tensor {tensor!r}: {problem}" if tensor else problem)
+
+
+class ImatrixRequiredError(LlmquantError):
+    """The chosen ftype / overrides put a tensor in a type that needs an importance matrix."""
+
+    def __init__(self, tensor: str, qtype: str, ftype: str):
+        self.tensor = tensor
+        self.qtype = qtype
+        self.ftype = ftype
+        super().__init__(
+            f"{ftype} needs an importance matrix (--imatrix): tensor {tensor!r} would be {qtype}"
+        )

@@ -1,0 +1,210 @@
+"""The quantize pipeline: source -> recipe -> formats -> writer, one tensor at a time.
+
+Peak memory is one tensor's float32 copy plus its quantized bytes; the output is written
+atomically (writer.py). Tensors whose planned type equals their stored type are copied as
+bytes, as llama.cpp does.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
+
+from . import __version__
+from .errors import RequantizeError, TensorDataError
+from .formats import get_format
+from .models import is_default_model
+from .recipes import RecipeOptions, TensorPlan, ftype_name, hparams_from_fields, plan_model
+from .sources import GGUFSource
+from .writer import AtomicGGUFWriter, check_destination, tensor_nbytes
+
+QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
+
+ProgressFn = Callable[[int, int, TensorPlan], None]
+
+
+@dataclass
+class QuantizeResult:
+    source: str
+    destination: str | None
+    ftype: str
+    plans: list[TensorPlan]
+    source_bytes: int
+    output_bytes: int  # tensor data bytes
+    file_bytes: int | None  # bytes of the written file (None for a dry run)
+    n_params: int
+    seconds: float
+    source_was_quantized: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.output_bytes / max(self.n_params, 1)
+
+    @property
+    def fallbacks(self) -> list[TensorPlan]:
+        return [p for p in self.plans if p.fell_back]
+
+    def type_counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for p in self.plans:
+            entry = out.setdefault(p.type.name, {"tensors": 0, "bytes": 0, "params": 0})
+            entry["tensors"] += 1
+            entry["bytes"] += tensor_nbytes(p.shape, p.type)
+            entry["params"] += int(np.prod(p.shape))
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "destination": self.destination,
+            "ftype": self.ftype,
+            "n_params": self.n_params,
+            "source_bytes": self.source_bytes,
+            "output_tensor_bytes": self.output_bytes,
+            "file_bytes": self.file_bytes,
+            "bits_per_weight": round(self.bits_per_weight, 4),
+            "seconds": round(self.seconds, 3),
+            "source_was_quantized": self.source_was_quantized,
+            "types": self.type_counts(),
+            "fallbacks": [
+                {"name": p.name, "shape": list(p.shape), "wanted": p.target.name, "used": p.type.name, "reason": p.reason}
+                for p in self.fallbacks
+            ],
+            "notes": self.notes,
+            "tensors": [
+                {"name": p.name, "shape": list(p.shape), "source_type": p.src_type.name, "type": p.type.name,
+                 "bytes": tensor_nbytes(p.shape, p.type), "reason": p.reason}
+                for p in self.plans
+            ],
+        }
+
+
+def plan_source(src: GGUFSource, ftype: LlamaFileType, options: RecipeOptions) -> list[TensorPlan]:
+    tensors = [(t.name, t.shape, t.type) for t in src.tensors]
+    hparams = hparams_from_fields(src.arch, {k: f.value for k, f in src.fields.items()})
+    return plan_model(tensors, src.arch, hparams, ftype, options)
+
+
+def _check_requantize(src: GGUFSource, plans: list[TensorPlan], options: RecipeOptions) -> None:
+    if options.allow_requantize:
+        return
+    for p in plans:
+        if p.type != p.src_type and p.src_type not in (
+            GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16
+        ):
+            raise RequantizeError(
+                f"{src.path}: tensor {p.name!r} is already {p.src_type.name}; requantizing loses quality "
+                "twice - pass --allow-requantize to do it anyway"
+            )
+
+
+def quantize_model(
+    src_path: str | Path,
+    dst_path: str | Path | None,
+    ftype: LlamaFileType,
+    *,
+    options: RecipeOptions | None = None,
+    importance: Mapping[str, np.ndarray] | None = None,
+    threads: int = 1,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: ProgressFn | None = None,
+) -> QuantizeResult:
+    """Quantize the GGUF at ``src_path`` to ``ftype`` and write ``dst_path`` atomically.
+
+    The embedded default model is Q4_1 already; it is always requantized from its F32 rendering
+    (allow_requantize is implied for it and the result says so).
+    """
+    t0 = time.perf_counter()
+    options = options or RecipeOptions()
+    notes: list[str] = []
+    with GGUFSource(src_path) as src:
+        if is_default_model(src.path) and not options.allow_requantize:
+            options = _replace(options, allow_requantize=True)
+        if src.is_quantized:
+            kind = src.file_type.name.removeprefix("MOSTLY_") if src.file_type else "mixed types"
+            notes.append(
+                f"the source is itself quantized ({kind}): llmquant quantizes its F32 rendering, and quality "
+                "losses measured against that source are optimistic"
+            )
+        if importance is not None:
+            options = _replace(options, has_imatrix=True)
+        plans = plan_source(src, ftype, options)
+        _check_requantize(src, plans, options)
+        output_bytes = sum(tensor_nbytes(p.shape, p.type) for p in plans)
+        result = QuantizeResult(
+            source=str(src.path), destination=None if dry_run else str(dst_path), ftype=ftype_name(ftype),
+            plans=plans, source_bytes=src.tensor_bytes, output_bytes=output_bytes, file_bytes=None,
+            n_params=src.n_params, seconds=0.0, source_was_quantized=src.is_quantized, notes=notes,
+        )
+        if dry_run:
+            with _prepare_writer(src, Path("dry-run.gguf"), ftype, plans, importance, force=True) as writer:
+                result.file_bytes = writer.planned_file_size()
+            result.seconds = time.perf_counter() - t0
+            return result
+        if dst_path is None:
+            raise ValueError("dst_path is required unless dry_run")
+        dst = check_destination(dst_path, force=force, src=src.path)
+        with _prepare_writer(src, dst, ftype, plans, importance, force=force) as writer:
+            writer.start()
+            for i, p in enumerate(plans):
+                if progress:
+                    progress(i, len(plans), p)
+                writer.write_tensor(p.name, _tensor_bytes(src, p, importance, threads))
+            if progress:
+                progress(len(plans), len(plans), plans[-1])
+            writer.commit()
+        result.file_bytes = dst.stat().st_size
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _prepare_writer(
+    src: GGUFSource, dst: Path, ftype: LlamaFileType, plans: list[TensorPlan],
+    importance: Mapping[str, np.ndarray] | None, *, force: bool,
+) -> AtomicGGUFWriter:
+    """A writer holding the output's metadata and tensor table (nothing written yet)."""
+    writer = AtomicGGUFWriter(dst, src.arch, force=force, alignment=src.header.alignment)
+    for f in src.fields.values():
+        writer.add_field(f)
+    writer.set("general.file_type", int(ftype), GGUFValueType.UINT32)
+    writer.set("general.quantization_version", QUANTIZATION_VERSION, GGUFValueType.UINT32)
+    writer.set("general.quantized_by", "llmquant", GGUFValueType.STRING)
+    writer.set("llmquant.version", __version__, GGUFValueType.STRING)
+    if importance is not None:
+        writer.set("quantize.imatrix.entries_count", len(importance), GGUFValueType.INT32)
+    for p in plans:
+        writer.add_tensor_info(p.name, p.shape, p.type)
+    return writer
+
+
+def _tensor_bytes(
+    src: GGUFSource, plan: TensorPlan, importance: Mapping[str, np.ndarray] | None, threads: int
+) -> np.ndarray:
+    if plan.type == plan.src_type:
+        return src.raw(plan.name)
+    values = src.read(plan.name)
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = np.argwhere(~finite)[0]
+        n_bad = int((~finite).sum())
+        raise TensorDataError(
+            plan.name, f"{n_bad} values are NaN or Inf (first at index {tuple(int(i) for i in bad)}); refusing to quantize"
+        )
+    rows = values.reshape(-1, plan.shape[0])
+    weights = None
+    if importance is not None and get_format(plan.type).uses_importance:
+        weights = importance.get(plan.name)
+    return get_format(plan.type).quantize(rows, weights, threads=threads)
+
+
+def _replace(options: RecipeOptions, **changes) -> RecipeOptions:
+    from dataclasses import replace
+
+    return replace(options, **changes)

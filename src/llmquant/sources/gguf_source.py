@@ -1,0 +1,127 @@
+"""GGUF source: metadata plus tensors streamed one at a time as float32.
+
+The header is parsed with every count and offset checked (gguf_header.py); tensor data is
+memory-mapped and dequantized lazily with gguf-py (which dequantizes every ggml type), so at
+most one tensor's float32 copy exists at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from gguf import GGMLQuantizationType, LlamaFileType
+from gguf import quants as gguf_quants
+
+from ..errors import ModelFileError
+from .gguf_header import GGUFHeader, MetadataField, parse_gguf
+
+FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ggml order: shape[0] is the row length (ne0)
+    type: GGMLQuantizationType
+    n_bytes: int
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def numpy_shape(self) -> tuple[int, ...]:
+        return tuple(reversed(self.shape))
+
+
+class GGUFSource:
+    """An opened GGUF model: ``fields``, ``tensors`` and ``read(name)`` (float32)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.header: GGUFHeader = parse_gguf(self.path)
+        self.fields: dict[str, MetadataField] = self.header.fields
+        self._entries = {t.name: t for t in self.header.tensors}
+        self.tensors: list[TensorInfo] = [
+            TensorInfo(t.name, t.shape, t.type, t.n_bytes) for t in self.header.tensors
+        ]
+        self._map: np.memmap | None = None
+        arch = self.get("general.architecture")
+        if not isinstance(arch, str):
+            raise ModelFileError(self.path, "metadata general.architecture is missing")
+        self.arch: str = arch
+
+    # -- metadata ------------------------------------------------------------------------------
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self.fields.get(key)
+        return default if field is None else field.value
+
+    def arch_get(self, suffix: str, default: Any = None) -> Any:
+        """``{arch}.{suffix}``, e.g. ``block_count``."""
+        return self.get(f"{self.arch}.{suffix}", default)
+
+    @property
+    def file_type(self) -> LlamaFileType | None:
+        value = self.get("general.file_type")
+        try:
+            return LlamaFileType(value) if value is not None else None
+        except ValueError:
+            return None
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.n_bytes for t in self.tensors)
+
+    @property
+    def is_quantized(self) -> bool:
+        """True when any 2-D+ weight is stored in a quantized (non-float) type."""
+        return any(t.type not in FLOAT_TYPES and len(t.shape) >= 2 for t in self.tensors)
+
+    # -- tensors -------------------------------------------------------------------------------
+    def info(self, name: str) -> TensorInfo:
+        t = self._entries[name]
+        return TensorInfo(t.name, t.shape, t.type, t.n_bytes)
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored bytes of one tensor (uint8, flat, memory-mapped: do not modify)."""
+        t = self._entries[name]
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        return self._map[t.offset:t.offset + t.n_bytes]
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor as float32, numpy order (rows last): shape ``reversed(info.shape)``."""
+        t = self._entries[name]
+        shape = tuple(reversed(t.shape))
+        data = self.raw(name)
+        if t.type == GGMLQuantizationType.F32:
+            values = np.array(data.view(np.float32))
+        elif t.type == GGMLQuantizationType.F16:
+            values = data.view(np.float16).astype(np.float32)
+        else:
+            try:
+                values = gguf_quants.dequantize(np.asarray(data), t.type)
+            except NotImplementedError:
+                raise ModelFileError(self.path, f"tensor {name!r}: cannot dequantize type {t.type.name}") from None
+        return np.asarray(values, dtype=np.float32).reshape(shape)
+
+    def iter_tensors(self) -> Iterator[tuple[TensorInfo, np.ndarray]]:
+        for info in self.tensors:
+            yield info, self.read(info.name)
+
+    def close(self) -> None:
+        # drop the memory map (Windows cannot replace a mapped file)
+        self._map = None
+
+    def __enter__(self) -> "GGUFSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,156 @@
+"""Atomic, streaming GGUF writer.
+
+Header, metadata and tensor infos are written first (all sizes are known from the plan), then
+tensors one at a time in plan order, into a hidden temporary file in the destination folder.
+``commit`` flushes, fsyncs and renames it over the destination; any exception (or interrupt)
+before that removes the temporary file, so a destination is either absent or complete.
+Serialisation is gguf-py's GGUFWriter.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
+
+from .errors import DestinationError
+from .sources import MetadataField
+
+TEMP_PREFIX = ".llmquant-partial-"
+
+
+def check_destination(dst: str | Path, *, force: bool, src: str | Path | None = None) -> Path:
+    """Fail early (before any work) when ``dst`` cannot be written."""
+    dst = Path(dst)
+    if dst.is_dir():
+        raise DestinationError(dst, "is a folder; give a file name such as model-Q8_0.gguf")
+    parent = dst.parent if str(dst.parent) else Path(".")
+    if not parent.is_dir():
+        raise DestinationError(dst, f"destination folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise DestinationError(dst, f"destination folder {parent} is not writable")
+    if src is not None and dst.exists() and dst.resolve() == Path(src).resolve():
+        raise DestinationError(dst, "is the source file; refusing to overwrite the source")
+    if dst.exists() and not force:
+        raise DestinationError(dst, "already exists; pass --force to overwrite it")
+    return dst
+
+
+def tensor_nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    n = int(np.prod(shape))
+    return n // block_size * type_size
+
+
+class AtomicGGUFWriter:
+    """``with AtomicGGUFWriter(dst, arch) as w: w.add_field(...); w.add_tensor_info(...); w.start();
+    w.write_tensor(...); w.commit()``; leaving the block without ``commit`` discards everything."""
+
+    def __init__(self, dst: str | Path, arch: str, *, force: bool = False, alignment: int | None = None):
+        self.dst = Path(dst)
+        self.force = force
+        self.tmp = self.dst.parent / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{self.dst.name}"
+        self._gguf = GGUFWriter(None, arch)
+        if alignment is not None and alignment != self._gguf.data_alignment:
+            self._gguf.data_alignment = alignment
+            self._gguf.add_custom_alignment(alignment)
+        self._order: list[tuple[str, int]] = []
+        self._next = 0
+        self._started = False
+        self._done = False
+
+    # -- metadata ------------------------------------------------------------------------------
+    def add_field(self, field: MetadataField) -> None:
+        if field.key in ("general.architecture", "general.alignment"):
+            return  # GGUFWriter writes these itself
+        self._gguf.add_key_value(field.key, field.value, field.type, sub_type=field.sub_type)
+
+    def set(self, key: str, value, vtype: GGUFValueType, sub_type: GGUFValueType | None = None) -> None:
+        kv = self._gguf.kv_data[0]
+        kv.pop(key, None)
+        self._gguf.add_key_value(key, value, vtype, sub_type=sub_type)
+
+    # -- tensors -------------------------------------------------------------------------------
+    def add_tensor_info(self, name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
+        """``shape`` in ggml order (ne0 first). Returns the byte size the data must have."""
+        nbytes = tensor_nbytes(shape, qtype)
+        self._gguf.add_tensor_info(name, tuple(reversed(shape)), np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        self._order.append((name, nbytes))
+        return nbytes
+
+    def planned_file_size(self) -> int:
+        """The exact size the file will have, computed before writing anything (for --dry-run)."""
+        g = self._gguf
+        align = g.data_alignment
+        n = 4 + 4 + 8 + 8  # magic, version, tensor count, metadata count
+        for key, val in g.kv_data[0].items():
+            n += len(g._pack_val(key, GGUFValueType.STRING, add_vtype=False))
+            n += len(g._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type))
+        for name, ti in g.tensors[0].items():
+            n += len(g._pack_val(name, GGUFValueType.STRING, add_vtype=False)) + 4 + 8 * len(ti.shape) + 4 + 8
+        n = GGUFWriter.ggml_pad(n, align)
+        return n + sum(GGUFWriter.ggml_pad(nbytes, align) for _, nbytes in self._order)
+
+    def start(self) -> None:
+        if self.dst.exists() and not self.force:
+            raise DestinationError(self.dst, "already exists; pass --force to overwrite it")
+        self._gguf.write_header_to_file(self.tmp)
+        self._started = True
+        self._gguf.write_kv_data_to_file()
+        self._gguf.write_ti_data_to_file()
+
+    def write_tensor(self, name: str, data: np.ndarray) -> None:
+        if not self._started:
+            raise RuntimeError("start() must be called before write_tensor()")
+        expected_name, nbytes = self._order[self._next]
+        if name != expected_name:
+            raise RuntimeError(f"tensor {name!r} written out of order; expected {expected_name!r}")
+        data = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+        if data.nbytes != nbytes:
+            raise RuntimeError(f"tensor {name!r}: {data.nbytes} bytes, expected {nbytes}")
+        self._gguf.write_tensor_data(data)
+        self._next += 1
+
+    def commit(self) -> Path:
+        if self._next != len(self._order):
+            raise RuntimeError(f"commit after {self._next} of {len(self._order)} tensors")
+        if not self._started:
+            self.start()
+        fouts = self._gguf.fout or []
+        for f in fouts:
+            f.flush()
+            os.fsync(f.fileno())
+        self._gguf.close()
+        if self.dst.exists() and not self.force:
+            raise DestinationError(self.dst, "appeared while writing; pass --force to overwrite it")
+        os.replace(self.tmp, self.dst)
+        self._done = True
+        try:  # make the rename itself durable
+            fd = os.open(self.dst.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+        return self.dst
+
+    def abort(self) -> None:
+        try:
+            self._gguf.close()
+        finally:
+            if not self._done:
+                try:
+                    self.tmp.unlink()
+                except FileNotFoundError:
+                    pass
+
+    def __enter__(self) -> "AtomicGGUFWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._done:
+            self.abort()
