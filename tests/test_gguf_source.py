@@ -9,7 +9,6 @@ import time
 import numpy as np
 import pytest
 import tracemalloc
-from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 
 from helpers import default_model_path

@@ -94,6 +94,30 @@ def _extra_adversarial(k: int) -> dict[str, np.ndarray]:
     return {name: np.asarray(v, dtype=np.float32) for name, v in rows.items()}
 
 
+def fuzz_rows(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random rows from mixed distributions with per-block magnitudes 1e-20..1e20, and a random
+    importance vector (some zeros, wide dynamic range)."""
+    rng = np.random.default_rng(seed)
+    kinds = [
+        lambda: rng.standard_normal(k),
+        lambda: rng.random(k),
+        lambda: -rng.random(k),
+        lambda: np.clip(rng.standard_cauchy(k), -1e6, 1e6),
+        lambda: rng.standard_normal(k) * (rng.random(k) < 0.1),
+        lambda: rng.integers(-8, 8, k).astype(np.float64),  # exact ties for the rounding
+        lambda: rng.integers(0, 4, k) * 0.25 - 0.375,
+        lambda: np.repeat(rng.standard_normal(k // 16), 16),  # constant sub-blocks
+    ]
+    rows = np.empty((n, k), np.float32)
+    for r in range(n):
+        row = kinds[rng.integers(len(kinds))]()
+        row *= np.repeat(10.0 ** rng.uniform(-20, 20, k // 256), 256)
+        rows[r] = row
+    importance = rng.random(k) * 10.0 ** rng.uniform(-10, 10)
+    importance[rng.random(k) < 0.2] = 0
+    return rows, importance.astype(np.float32)
+
+
 # -- comparison -------------------------------------------------------------------------------
 
 def check(qtype: GGMLQuantizationType, rows: np.ndarray, importance: np.ndarray | None, what: str,
@@ -143,6 +167,22 @@ def test_adversarial_rows(qtype):
     for kind, importance in [(None, None), *weights.items()]:
         for i, name in enumerate(names):  # one row at a time, so a failure names its case
             check(qtype, rows[i:i + 1], importance, f"row {name!r} importance={kind}")
+
+
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
+def test_fuzz(qtype):
+    rows, importance = fuzz_rows(64, 1024, seed=11)
+    check(qtype, rows, None, "fuzz seed=11")
+    check(qtype, rows, importance, "fuzz seed=11 with importance")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
+def test_fuzz_sweep(qtype, seed):
+    rows, importance = fuzz_rows(512, 2048, seed=100 + seed)
+    check(qtype, rows, None, f"fuzz seed={100 + seed}")
+    check(qtype, rows, importance, f"fuzz seed={100 + seed} with importance")
 
 
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -18,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .errors import LlmquantError, UnknownTypeError
+from .errors import LlmquantError
 
 app = typer.Typer(
     name="llmquant",
@@ -127,18 +126,6 @@ def inspect(
 
 
 # -- quantize ---------------------------------------------------------------------------------------------
-def _parse_tensor_types(specs: list[str]):
-    from .formats import parse_ggml_type
-
-    overrides = []
-    for spec in specs:
-        pattern, sep, tname = spec.rpartition("=")
-        if not sep or not pattern:
-            raise UnknownTypeError(spec, ["PATTERN=TYPE, e.g. attn_v=Q8_0"])
-        overrides.append((pattern, parse_ggml_type(tname)))
-    return tuple(overrides)
-
-
 @app.command()
 def quantize(
     paths: Annotated[Optional[list[str]], typer.Argument(help="[SRC] DST: source GGUF (default: the embedded model) and output file.", show_default=False)] = None,
@@ -157,8 +144,7 @@ def quantize(
     """Quantize a GGUF tensor by tensor with llama.cpp's rules; output bytes identical to llama-quantize."""
     from .models import resolve_model
     from .quantize import quantize_model
-    from .formats import parse_ggml_type
-    from .recipes import RecipeOptions, ftype_name, parse_ftype
+    from .recipes import RecipeOptions, ftype_name, parse_ftype, parse_ggml_type, parse_tensor_type
 
     paths = paths or []
     if len(paths) > 2 or (not paths and not dry_run):
@@ -179,26 +165,46 @@ def quantize(
         quantize_output_tensor=not leave_output_tensor,
         output_tensor_type=parse_ggml_type(output_tensor_type) if output_tensor_type else None,
         token_embedding_type=parse_ggml_type(token_embedding_type) if token_embedding_type else None,
-        tensor_types=_parse_tensor_types(tensor_type),
+        tensor_types=tuple(parse_tensor_type(spec) for spec in tensor_type),
     )
     n_threads = threads or _default_threads()
     if dry_run or as_json:
         result = quantize_model(src, dst, ftype, options=options, threads=n_threads, force=force, dry_run=dry_run)
     else:
-        with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[tensor]}"), TimeElapsedColumn(), console=err, transient=False,
-        ) as bar:
-            task = bar.add_task(ftype_name(ftype), total=None, tensor="")
-
-            def progress(i, n, plan):
-                bar.update(task, total=n, completed=i, tensor=f"{plan.name} -> {plan.type.name}" if i < n else "done")
-
+        with _TensorProgress(ftype_name(ftype)) as progress:
             result = quantize_model(src, dst, ftype, options=options, threads=n_threads, force=force, progress=progress)
     if as_json:
         _print_json(result.to_dict())
         return
     _render_quantize(result, dry_run)
+
+
+class _TensorProgress:
+    """A per-tensor progress bar on stderr, shown only once writing has begun (so that an early
+    error is the only thing printed)."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.bar: Progress | None = None
+        self.task = None
+
+    def __call__(self, i: int, n: int, plan) -> None:
+        if self.bar is None:
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[tensor]}"), TimeElapsedColumn(), console=err,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task(self.title, total=n, tensor="")
+        label = f"{plan.name} -> {plan.type.name}" if i < n else "done"
+        self.bar.update(self.task, total=n, completed=i, tensor=label)
+
+    def __enter__(self) -> "_TensorProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def _render_quantize(result, dry_run: bool) -> None:

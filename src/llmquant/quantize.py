@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
+from gguf import GGUFValueType, LlamaFileType
 
 from . import __version__
 from .errors import RequantizeError, TensorDataError
@@ -85,23 +85,16 @@ class QuantizeResult:
         }
 
 
-def plan_source(src: GGUFSource, ftype: LlamaFileType, options: RecipeOptions) -> list[TensorPlan]:
+def plan_source(
+    src: GGUFSource, ftype: LlamaFileType, options: RecipeOptions, *, dry_run: bool = False
+) -> list[TensorPlan]:
+    """llama.cpp's per-tensor types for ``src``; refuses (unless ``dry_run``) what llama.cpp refuses."""
     tensors = [(t.name, t.shape, t.type) for t in src.tensors]
     hparams = hparams_from_fields(src.arch, {k: f.value for k, f in src.fields.items()})
-    return plan_model(tensors, src.arch, hparams, ftype, options)
-
-
-def _check_requantize(src: GGUFSource, plans: list[TensorPlan], options: RecipeOptions) -> None:
-    if options.allow_requantize:
-        return
-    for p in plans:
-        if p.type != p.src_type and p.src_type not in (
-            GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16
-        ):
-            raise RequantizeError(
-                f"{src.path}: tensor {p.name!r} is already {p.src_type.name}; requantizing loses quality "
-                "twice - pass --allow-requantize to do it anyway"
-            )
+    try:
+        return plan_model(tensors, src.arch, hparams, ftype, options, dry_run=dry_run)
+    except RequantizeError as exc:
+        raise RequantizeError(f"{src.path}: {exc}") from None
 
 
 def quantize_model(
@@ -135,8 +128,7 @@ def quantize_model(
             )
         if importance is not None:
             options = _replace(options, has_imatrix=True)
-        plans = plan_source(src, ftype, options)
-        _check_requantize(src, plans, options)
+        plans = plan_source(src, ftype, options, dry_run=dry_run)
         output_bytes = sum(tensor_nbytes(p.shape, p.type) for p in plans)
         result = QuantizeResult(
             source=str(src.path), destination=None if dry_run else str(dst_path), ftype=ftype_name(ftype),
@@ -195,7 +187,9 @@ def _tensor_bytes(
         bad = np.argwhere(~finite)[0]
         n_bad = int((~finite).sum())
         raise TensorDataError(
-            plan.name, f"{n_bad} values are NaN or Inf (first at index {tuple(int(i) for i in bad)}); refusing to quantize"
+            plan.name,
+            f"{n_bad} values are NaN or Inf (first at index {tuple(int(i) for i in bad)}) in {src.path}; "
+            "refusing to quantize",
         )
     rows = values.reshape(-1, plan.shape[0])
     weights = None

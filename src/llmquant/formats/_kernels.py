@@ -30,6 +30,7 @@ _M110 = F(2.0**-110)
 _M112 = F(2.0**-112)
 
 jit = njit(nogil=True, cache=True, error_model="numpy")
+# inlined at numba level: saves the per-call array refcounting (one call per 16 values in Q6_K)
 jit_inline = njit(nogil=True, cache=True, error_model="numpy", inline="always")
 
 

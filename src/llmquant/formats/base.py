@@ -121,13 +121,3 @@ def get_format(qtype: GGMLQuantizationType) -> type[QuantFormat]:
 def registered_types() -> list[GGMLQuantizationType]:
     return list(_REGISTRY)
 
-
-def parse_ggml_type(name: str) -> GGMLQuantizationType:
-    """A ggml type by name (case-insensitive), limited to the types llmquant can write."""
-    from ..errors import UnknownTypeError
-
-    key = name.strip().upper()
-    for qtype in _REGISTRY:
-        if qtype.name == key:
-            return qtype
-    raise UnknownTypeError(name, [t.name for t in _REGISTRY])

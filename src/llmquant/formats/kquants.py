@@ -9,7 +9,7 @@ block structs of ``ggml-common.h`` (sizes in bytes):
     block_q2_K  scales[16] | qs[64] | d | dmin                      84    x = d*sc*q - dmin*m
     block_q3_K  hmask[32] | qs[64] | scales[12] | d                110    x = d*(sc-32)*(q-4)
     block_q4_K  d | dmin | scales[12] | qs[128]                    144    x = d*sc*q - dmin*m
-    block_q5_K  d | dmin | scales[12] | qh[32] | qs[128]           176
+    block_q5_K  d | dmin | scales[12] | qh[32] | qs[128]           176    x = d*sc*q - dmin*m
     block_q6_K  ql[128] | qh[64] | scales[16] (int8) | d           210    x = d*sc*(q-32)
     block_q8_K  d (f32) | qs[256] (int8) | bsums[16] (int16)       292
 
@@ -25,10 +25,10 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ._kernels import (
-    F,
     GROUP_MAX_EPS,
-    f32_bits,
     QK_K,
+    F,
+    f32_bits,
     fp16_to_fp32,
     fp32_to_fp16,
     jit,
