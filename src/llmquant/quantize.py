@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 from gguf import GGUFValueType, LlamaFileType
@@ -145,10 +146,10 @@ def quantize_model(
         dst = check_destination(dst_path, force=force, src=src.path)
         with _prepare_writer(src, dst, ftype, plans, importance, force=force) as writer:
             writer.start()
-            for i, p in enumerate(plans):
+            for i, (p, data) in enumerate(zip(plans, _quantized_tensors(src, plans, importance, threads))):
                 if progress:
                     progress(i, len(plans), p)
-                writer.write_tensor(p.name, _tensor_bytes(src, p, importance, threads))
+                writer.write_tensor(p.name, data)
             if progress:
                 progress(len(plans), len(plans), plans[-1])
             writer.commit()
@@ -176,11 +177,10 @@ def _prepare_writer(
     return writer
 
 
-def _tensor_bytes(
-    src: GGUFSource, plan: TensorPlan, importance: Mapping[str, np.ndarray] | None, threads: int
-) -> np.ndarray:
+def _source_values(src: GGUFSource, plan: TensorPlan) -> np.ndarray | None:
+    """The float32 rows to quantize (None: the stored bytes are copied as they are)."""
     if plan.type == plan.src_type:
-        return src.raw(plan.name)
+        return None
     values = src.read(plan.name)
     finite = np.isfinite(values)
     if not finite.all():
@@ -191,11 +191,26 @@ def _tensor_bytes(
             f"{n_bad} values are NaN or Inf (first at index {tuple(int(i) for i in bad)}) in {src.path}; "
             "refusing to quantize",
         )
-    rows = values.reshape(-1, plan.shape[0])
-    weights = None
-    if importance is not None and get_format(plan.type).uses_importance:
-        weights = importance.get(plan.name)
-    return get_format(plan.type).quantize(rows, weights, threads=threads)
+    return values.reshape(-1, plan.shape[0])
+
+
+def _quantized_tensors(
+    src: GGUFSource, plans: list[TensorPlan], importance: Mapping[str, np.ndarray] | None, threads: int
+) -> Iterator[np.ndarray]:
+    """Each plan's output bytes in order. The next tensor is read and dequantized on a helper
+    thread while this one is quantized, so at most two tensors' float32 copies exist at once."""
+    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=max(threads, 1)) as workers:
+        pending = reader.submit(_source_values, src, plans[0]) if plans else None
+        for i, plan in enumerate(plans):
+            rows = pending.result()
+            pending = reader.submit(_source_values, src, plans[i + 1]) if i + 1 < len(plans) else None
+            if rows is None:
+                yield src.raw(plan.name)
+                continue
+            fmt = get_format(plan.type)
+            weights = importance.get(plan.name) if importance is not None and fmt.uses_importance else None
+            yield fmt.quantize(rows, weights, threads=threads, pool=workers)
+            del rows
 
 
 def _replace(options: RecipeOptions, **changes) -> RecipeOptions:

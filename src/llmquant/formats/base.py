@@ -8,7 +8,7 @@ Dequantization is delegated to gguf-py, which has it for every type we write.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import ClassVar
 
 import numpy as np
@@ -19,8 +19,8 @@ from ..errors import FormatError
 
 _REGISTRY: dict[GGMLQuantizationType, type["QuantFormat"]] = {}
 
-# rows per work item handed to a thread; large enough to amortise dispatch
-_ROWS_PER_TASK = 64
+# fewest rows worth handing to a thread of their own
+_MIN_ROWS_PER_TASK = 16
 
 
 class QuantFormat:
@@ -64,9 +64,14 @@ class QuantFormat:
 
     @classmethod
     def quantize(
-        cls, rows: np.ndarray, importance: np.ndarray | None = None, threads: int = 1
+        cls, rows: np.ndarray, importance: np.ndarray | None = None, threads: int = 1,
+        pool: Executor | None = None,
     ) -> np.ndarray:
-        """Quantize a 2-D float array row by row; returns uint8 of shape (n_rows, row_size)."""
+        """Quantize a 2-D float array row by row; returns uint8 of shape (n_rows, row_size).
+
+        With ``threads > 1`` the rows are split in contiguous slices quantized in parallel, on
+        ``pool`` when given (a caller quantizing many tensors keeps one pool: starting threads per
+        tensor costs more than quantizing a small one)."""
         rows = np.asarray(rows)
         if rows.ndim == 1:
             rows = rows.reshape(1, -1)
@@ -87,16 +92,21 @@ class QuantFormat:
         out = np.empty((n_rows, cls.row_size(n_per_row)), dtype=np.uint8)
         if n_rows == 0:
             return out
-        if threads <= 1 or n_rows <= _ROWS_PER_TASK:
+        n_tasks = min(threads, n_rows // _MIN_ROWS_PER_TASK)
+        if n_tasks <= 1:
             out[:] = cls.quantize_rows(rows, importance)
             return out
+        # one contiguous slice of rows per thread; the kernels release the GIL
+        bounds = np.linspace(0, n_rows, n_tasks + 1).astype(int)
 
-        def work(start: int) -> None:
-            stop = min(start + _ROWS_PER_TASK, n_rows)
-            out[start:stop] = cls.quantize_rows(rows[start:stop], importance)
+        def work(i: int) -> None:
+            out[bounds[i]:bounds[i + 1]] = cls.quantize_rows(rows[bounds[i]:bounds[i + 1]], importance)
 
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(work, range(0, n_rows, _ROWS_PER_TASK)))
+        if pool is not None:
+            list(pool.map(work, range(n_tasks)))
+            return out
+        with ThreadPoolExecutor(max_workers=n_tasks) as own_pool:
+            list(own_pool.map(work, range(n_tasks)))
         return out
 
     @classmethod

@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType, LlamaFileType
 from gguf import quants as gguf_quants
 
 from ..errors import ModelFileError
+from ..formats import get_format, registered_types
 from .gguf_header import GGUFHeader, MetadataField, parse_gguf
 
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
@@ -105,6 +106,8 @@ class GGUFSource:
             values = np.array(data.view(np.float32))
         elif t.type == GGMLQuantizationType.F16:
             values = data.view(np.float16).astype(np.float32)
+        elif t.type in registered_types():  # our numba dequantizers (checked against libggml)
+            values = get_format(t.type).dequantize(data)
         else:
             try:
                 values = gguf_quants.dequantize(np.asarray(data), t.type)
