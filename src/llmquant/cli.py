@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -137,11 +138,13 @@ def quantize(
     token_embedding_type: Annotated[Optional[str], typer.Option("--token-embedding-type", help="Type for token_embd.weight.")] = None,
     tensor_type: Annotated[list[str], typer.Option("--tensor-type", help="REGEX=TYPE override (repeatable).")] = [],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the per-tensor plan and exact size; write nothing.")] = False,
+    imatrix: Annotated[Optional[str], typer.Option("--imatrix", help="Importance matrix from llama-imatrix (.gguf or legacy .dat).")] = None,
     threads: ThreadsOpt = 0,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite DST if it exists.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize a GGUF tensor by tensor with llama.cpp's rules; output bytes identical to llama-quantize."""
+    from .imatrix import load_imatrix
     from .models import resolve_model
     from .quantize import quantize_model
     from .recipes import RecipeOptions, ftype_name, parse_ftype, parse_ggml_type, parse_tensor_type
@@ -168,15 +171,21 @@ def quantize(
         tensor_types=tuple(parse_tensor_type(spec) for spec in tensor_type),
     )
     n_threads = threads or _default_threads()
+    imat = load_imatrix(imatrix) if imatrix else None
+    weighting = {"importance": imat.entries, "metadata": imat.provenance(imatrix)} if imat else {}
     if dry_run or as_json:
-        result = quantize_model(src, dst, ftype, options=options, threads=n_threads, force=force, dry_run=dry_run)
+        result = quantize_model(src, dst, ftype, options=options, threads=n_threads, force=force, dry_run=dry_run, **weighting)
     else:
         with _TensorProgress(ftype_name(ftype)) as progress:
-            result = quantize_model(src, dst, ftype, options=options, threads=n_threads, force=force, progress=progress)
+            result = quantize_model(src, dst, ftype, options=options, threads=n_threads, force=force, progress=progress, **weighting)
     if as_json:
         _print_json(result.to_dict())
         return
     _render_quantize(result, dry_run)
+    if imat:
+        chunks = f", {imat.chunk_count} chunks" if imat.chunk_count else ""
+        out.print(f"importance matrix {imatrix} ({len(imat.entries)} entries{chunks}): "
+                  f"{'would weight' if dry_run else 'weighted'} {len(result.importance_tensors)} tensors", highlight=False)
 
 
 class _TensorProgress:
@@ -238,6 +247,94 @@ def _render_quantize(result, dry_run: bool) -> None:
             f"[yellow]{len(result.fallbacks)} tensors fell back to another type because their row length "
             f"is not a multiple of the block size ({summary})[/yellow]"
         )
+    for note in result.notes:
+        out.print(f"[dim]note: {note}[/dim]")
+
+
+# -- ladder -------------------------------------------------------------------------------------------------
+@app.command()
+def ladder(
+    model: ModelArg = None,
+    rungs: Annotated[str, typer.Option("--rungs", help="Comma-separated rungs.")] = "F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K",
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the quantized files and the reports.")] = Path("ladder-out"),
+    text: Annotated[Optional[Path], typer.Option("--text", help="Evaluation text file or folder (default: built-in).")] = None,
+    ctx: Annotated[int, typer.Option("--ctx", help="Context per evaluation chunk.")] = 512,
+    chunks: Annotated[Optional[int], typer.Option("--chunks", help="Evaluate at most N chunks.")] = None,
+    no_speed: Annotated[bool, typer.Option("--no-speed", help="Skip the speed and memory measurements.")] = False,
+    threads: ThreadsOpt = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """The main job: quantize to every rung, measure quality loss, size and speed, and recommend one."""
+    from .ladder import run_ladder
+    from .report import footer_lines, header_lines, table, write_all
+
+    names = tuple(r.strip() for r in rungs.split(",") if r.strip())
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
+                  transient=True, disable=as_json) as bar:
+        task = bar.add_task("ladder", total=1.0)
+
+        def step(desc: str, frac: float | None) -> None:
+            bar.update(task, description=desc, completed=frac if frac is not None else 0)
+
+        result = run_ladder(model, rungs=names, out_dir=out_dir, text=text, ctx=ctx, chunks=chunks,
+                            threads=threads or None, speed=not no_speed, step=step)
+    paths = write_all(result, out_dir)
+    if as_json:
+        _print_json({**result.to_dict(), "outputs": paths})
+        return
+    for line in header_lines(result):
+        out.print(line, highlight=False)
+    out.print(table(result))
+    for line in footer_lines(result):
+        out.print(line, highlight=False)
+    out.print(f"wrote {paths['json']}, {paths['md']}, {paths['png']} in {result.seconds:.0f} s", highlight=False)
+
+
+# -- eval -------------------------------------------------------------------------------------------------
+@app.command("eval")
+def eval_(
+    model: ModelArg = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="Reference GGUF for KL divergence (ideally the F32/F16 rendering).")] = None,
+    text: Annotated[Optional[str], typer.Option("--text", help="Text file, or folder of .txt/.md files; default: the built-in text.")] = None,
+    ctx: Annotated[int, typer.Option("--ctx", "-c", help="Tokens per chunk; the second half of each chunk is scored.")] = 512,
+    chunks: Annotated[Optional[int], typer.Option("--chunks", min=1, help="Evaluate at most N chunks (default: all).")] = None,
+    threads: ThreadsOpt = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Perplexity and, with --base, KL divergence, same top token and Δp: llama-perplexity's numbers."""
+    from .eval import evaluate
+    from .models import resolve_model
+
+    path = resolve_model(model)
+    base_path = resolve_model(base) if base is not None else None
+    bar = Progress(TextColumn("[bold]evaluate"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
+                   TimeElapsedColumn(), console=err, transient=True, disable=as_json)
+    with bar:
+        task = bar.add_task("eval", total=None)
+        result = evaluate(path, base_path, text=text, ctx=ctx, chunks=chunks, threads=threads or None,
+                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    t = Table(title=f"{path.name}" + (f" vs {base_path.name}" if base_path else ""))
+    t.add_column("statistic")
+    t.add_column("value", justify="right")
+    t.add_row("PPL(Q)", f"{result.ppl:.4f} ± {result.ppl_err:.4f}")
+    if result.kld_mean is not None:
+        t.add_row("PPL(base)", f"{result.base_ppl:.4f} ± {result.base_ppl_err:.4f}")
+        t.add_row("PPL(Q) - PPL(base)", f"{result.delta_ppl:+.4f} ± {result.delta_ppl_err:.4f}")
+        t.add_row("ln(PPL(Q)/PPL(base))", f"{result.ln_ppl_ratio:+.5f} ± {result.ln_ppl_ratio_err:.5f}")
+        t.add_row("PPL(Q)/PPL(base)", f"{result.ppl_ratio:.5f} ± {result.ppl_ratio_err:.5f}")
+        t.add_row("mean KLD", f"{result.kld_mean:.6f} ± {result.kld_err:.6f}")
+        for label, key in (("median KLD", "kld_median"), ("90% KLD", "kld_p90"), ("99% KLD", "kld_p99"), ("max KLD", "kld_max")):
+            t.add_row(label, f"{getattr(result, key):.6f}")
+        t.add_row("same top p", f"{result.top1:.3f} ± {result.top1_err:.3f} %")
+        t.add_row("RMS Δp", f"{result.rms_dp:.3f} ± {result.rms_dp_err:.3f} %")
+    out.print(t)
+    out.print(
+        f"{result.n_chunks} chunks of {result.n_ctx} tokens, {result.n_tokens_scored:,} tokens scored "
+        f"(second half of each chunk); {result.tokens_per_second:.0f} tokens/s, {result.wall_seconds:.1f} s in all"
+    )
     for note in result.notes:
         out.print(f"[dim]note: {note}[/dim]")
 

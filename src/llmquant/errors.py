@@ -68,3 +68,20 @@ class ImatrixRequiredError(LlmquantError):
         super().__init__(
             f"{ftype} needs an importance matrix (--imatrix): tensor {tensor!r} would be {qtype}"
         )
+
+
+class EvalError(LlmquantError):
+    """Evaluation cannot run as asked: bad context size, too little text, mismatched vocabularies."""
+
+    def __init__(self, problem: str, value: object = None):
+        self.problem = problem
+        self.value = value
+        super().__init__(problem)
+
+
+class EvalTextError(EvalError):
+    """The evaluation text is missing, empty, binary or too short."""
+
+    def __init__(self, path: object, problem: str):
+        self.path = path
+        super().__init__(f"{path}: {problem}", path)

@@ -7,18 +7,20 @@ bytes, as llama.cpp does.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 from gguf import GGUFValueType, LlamaFileType
 
 from . import __version__
-from .errors import RequantizeError, TensorDataError
+from .errors import LlmquantError, RequantizeError, TensorDataError
 from .formats import get_format
+from .imatrix import importance_for_plans
 from .models import is_default_model
 from .recipes import RecipeOptions, TensorPlan, ftype_name, hparams_from_fields, plan_model
 from .sources import GGUFSource
@@ -42,6 +44,7 @@ class QuantizeResult:
     seconds: float
     source_was_quantized: bool
     notes: list[str] = field(default_factory=list)
+    importance_tensors: list[str] = field(default_factory=list)  # quantized with importance weights
 
     @property
     def bits_per_weight(self) -> float:
@@ -78,6 +81,7 @@ class QuantizeResult:
                 for p in self.fallbacks
             ],
             "notes": self.notes,
+            "importance_tensors": len(self.importance_tensors),
             "tensors": [
                 {"name": p.name, "shape": list(p.shape), "source_type": p.src_type.name, "type": p.type.name,
                  "bytes": tensor_nbytes(p.shape, p.type), "reason": p.reason}
@@ -105,6 +109,7 @@ def quantize_model(
     *,
     options: RecipeOptions | None = None,
     importance: Mapping[str, np.ndarray] | None = None,
+    metadata: Mapping[str, tuple[Any, GGUFValueType]] | None = None,
     threads: int = 1,
     force: bool = False,
     dry_run: bool = False,
@@ -114,6 +119,9 @@ def quantize_model(
 
     The embedded default model is Q4_1 already; it is always requantized from its F32 rendering
     (allow_requantize is implied for it and the result says so).
+
+    ``importance`` maps tensor names to importance vectors (``imatrix.load_imatrix(f).entries``);
+    ``metadata`` is extra key -> (value, type) written to the output (``Imatrix.provenance()``).
     """
     t0 = time.perf_counter()
     options = options or RecipeOptions()
@@ -127,26 +135,28 @@ def quantize_model(
                 f"the source is itself quantized ({kind}): llmquant quantizes its F32 rendering, and quality "
                 "losses measured against that source are optimistic"
             )
-        if importance is not None:
+        if importance:  # llama.cpp: has_imatrix only when some entry was loaded
             options = _replace(options, has_imatrix=True)
         plans = plan_source(src, ftype, options, dry_run=dry_run)
+        weights = importance_for_plans(plans, importance, ftype)
         output_bytes = sum(tensor_nbytes(p.shape, p.type) for p in plans)
         result = QuantizeResult(
             source=str(src.path), destination=None if dry_run else str(dst_path), ftype=ftype_name(ftype),
             plans=plans, source_bytes=src.tensor_bytes, output_bytes=output_bytes, file_bytes=None,
             n_params=src.n_params, seconds=0.0, source_was_quantized=src.is_quantized, notes=notes,
+            importance_tensors=list(weights),
         )
         if dry_run:
-            with _prepare_writer(src, Path("dry-run.gguf"), ftype, plans, importance, force=True) as writer:
+            with _prepare_writer(src, Path("dry-run.gguf"), ftype, plans, importance, force=True, options=options, metadata=metadata) as writer:
                 result.file_bytes = writer.planned_file_size()
             result.seconds = time.perf_counter() - t0
             return result
         if dst_path is None:
             raise ValueError("dst_path is required unless dry_run")
         dst = check_destination(dst_path, force=force, src=src.path)
-        with _prepare_writer(src, dst, ftype, plans, importance, force=force) as writer:
+        with _prepare_writer(src, dst, ftype, plans, importance, force=force, options=options, metadata=metadata) as writer:
             writer.start()
-            for i, (p, data) in enumerate(zip(plans, _quantized_tensors(src, plans, importance, threads))):
+            for i, (p, data) in enumerate(zip(plans, _quantized_tensors(src, plans, weights, threads))):
                 if progress:
                     progress(i, len(plans), p)
                 writer.write_tensor(p.name, data)
@@ -158,9 +168,58 @@ def quantize_model(
     return result
 
 
+def source_fingerprint(path: str | Path) -> str:
+    """A cheap content fingerprint of a model file: size plus SHA-256 of its first and last 8 MiB
+    (the header, the vocabulary and the tail of the tensor data)."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(8 << 20))
+        if size > 16 << 20:
+            f.seek(size - (8 << 20))
+            h.update(f.read())
+    return h.hexdigest()[:32]
+
+
+def importance_digest(importance: Mapping[str, np.ndarray] | None) -> str:
+    """A short hash of importance vectors ('-' when none): outputs made with another imatrix differ."""
+    if not importance:
+        return "-"
+    h = hashlib.sha256()
+    for name in sorted(importance):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(importance[name], dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def recipe_key(ftype: LlamaFileType, options: RecipeOptions, importance: Mapping[str, np.ndarray] | None = None) -> str:
+    """Everything besides the source that decides an output's bytes, as a stable string."""
+    parts = [ftype_name(ftype), f"pure={options.pure}", f"output={options.quantize_output_tensor}",
+             f"out_type={options.output_tensor_type.name if options.output_tensor_type else '-'}",
+             f"embd_type={options.token_embedding_type.name if options.token_embedding_type else '-'}",
+             "tt=" + ",".join(f"{p}={t.name}" for p, t in options.tensor_types),
+             f"imatrix={importance_digest(importance)}", f"llmquant={__version__}"]
+    return ";".join(parts)
+
+
+def output_is_current(
+    dst: str | Path, src: str | Path, ftype: LlamaFileType, options: RecipeOptions,
+    importance: Mapping[str, np.ndarray] | None = None,
+) -> bool:
+    """True when ``dst`` is a complete llmquant output of ``src`` with the same recipe (reusable)."""
+    try:
+        out = GGUFSource(dst)
+    except LlmquantError:
+        return False
+    return (out.get("llmquant.source_fingerprint") == source_fingerprint(src)
+            and out.get("llmquant.recipe") == recipe_key(ftype, options, importance))
+
+
 def _prepare_writer(
     src: GGUFSource, dst: Path, ftype: LlamaFileType, plans: list[TensorPlan],
-    importance: Mapping[str, np.ndarray] | None, *, force: bool,
+    importance: Mapping[str, np.ndarray] | None, *, force: bool, options: RecipeOptions,
+    metadata: Mapping[str, tuple[Any, GGUFValueType]] | None = None,
 ) -> AtomicGGUFWriter:
     """A writer holding the output's metadata and tensor table (nothing written yet)."""
     writer = AtomicGGUFWriter(dst, src.arch, force=force, alignment=src.header.alignment)
@@ -170,8 +229,12 @@ def _prepare_writer(
     writer.set("general.quantization_version", QUANTIZATION_VERSION, GGUFValueType.UINT32)
     writer.set("general.quantized_by", "llmquant", GGUFValueType.STRING)
     writer.set("llmquant.version", __version__, GGUFValueType.STRING)
-    if importance is not None:
-        writer.set("quantize.imatrix.entries_count", len(importance), GGUFValueType.INT32)
+    writer.set("llmquant.source_fingerprint", source_fingerprint(src.path), GGUFValueType.STRING)
+    writer.set("llmquant.recipe", recipe_key(ftype, options, importance), GGUFValueType.STRING)
+    if importance:  # as llama-quantize: a uint32, written only when entries were loaded
+        writer.set("quantize.imatrix.entries_count", len(importance), GGUFValueType.UINT32)
+    for key, (value, vtype) in (metadata or {}).items():
+        writer.set(key, value, vtype)
     for p in plans:
         writer.add_tensor_info(p.name, p.shape, p.type)
     return writer
@@ -195,7 +258,7 @@ def _source_values(src: GGUFSource, plan: TensorPlan) -> np.ndarray | None:
 
 
 def _quantized_tensors(
-    src: GGUFSource, plans: list[TensorPlan], importance: Mapping[str, np.ndarray] | None, threads: int
+    src: GGUFSource, plans: list[TensorPlan], importance: Mapping[str, np.ndarray], threads: int
 ) -> Iterator[np.ndarray]:
     """Each plan's output bytes in order. The next tensor is read and dequantized on a helper
     thread while this one is quantized, so at most two tensors' float32 copies exist at once."""
@@ -208,8 +271,14 @@ def _quantized_tensors(
                 yield src.raw(plan.name)
                 continue
             fmt = get_format(plan.type)
-            weights = importance.get(plan.name) if importance is not None and fmt.uses_importance else None
-            yield fmt.quantize(rows, weights, threads=threads, pool=workers)
+            weights = importance.get(plan.name) if fmt.uses_importance else None
+            if weights is not None and weights.size != rows.shape[1]:
+                # one slice of n_per_row values per expert (ne2), as llama-quant.cpp imatrix_for_row
+                experts = rows.reshape(weights.size // rows.shape[1], -1, rows.shape[1])
+                slices = weights.reshape(experts.shape[0], -1)
+                yield np.concatenate([fmt.quantize(e, w, threads=threads, pool=workers) for e, w in zip(experts, slices)])
+            else:
+                yield fmt.quantize(rows, weights, threads=threads, pool=workers)
             del rows
 
 

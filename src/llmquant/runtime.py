@@ -7,9 +7,13 @@ token batch (for eval). llama.cpp's own log output is silenced unless ``verbose`
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import codecs
+import random
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -30,6 +34,146 @@ class Completion:
     finish_reason: str
 
 
+class ContextLengthError(ValueError):
+    """A prompt (plus the tokens asked for) does not fit the context window."""
+
+    def __init__(self, n_prompt: int, n_ctx: int, what: str = "prompt"):
+        self.n_prompt = n_prompt
+        self.n_ctx = n_ctx
+        super().__init__(f"the {what} has {n_prompt} tokens but the context holds {n_ctx}")
+
+
+@dataclass
+class Sampling:
+    """llama.cpp's sampler settings; ``temperature <= 0`` is greedy (argmax at every step)."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int | None = None  # None: a fresh random seed per generation
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int
+    completion_tokens: int = 0
+    prompt_seconds: float = 0.0  # from start to the first sampled token (prompt processing)
+    generation_seconds: float = 0.0  # from the first to the last sampled token
+    decoded: int = 0  # generated tokens run through the model (each one a decode)
+    finish_reason: str = "length"  # "stop" (end of generation or stop string), "length", "cancelled"
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        return self.decoded / self.generation_seconds if self.generation_seconds > 0 else 0.0
+
+
+@dataclass
+class TextStream:
+    """Generated text, piece by piece: iterate it once; ``text``, ``tokens`` and ``stats`` fill in
+    as it goes. Stop strings are never emitted, nor is any text that might begin one."""
+
+    model: "Model"
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling
+    stop: list[str] = field(default_factory=list)
+    cancel: threading.Event | None = None
+    reuse_cache: bool = False
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    stats: GenerationStats = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stats = GenerationStats(prompt_tokens=len(self.prompt))
+
+    def __iter__(self) -> Iterator[str]:
+        m, s, stats = self.model, self.sampling, self.stats
+        llm = m._llm
+        budget = min(self.max_tokens, m.n_ctx - len(self.prompt))
+        if budget <= 0 or not self.prompt:
+            stats.finish_reason = "length"
+            return
+        stops = [x for x in self.stop if x]
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""
+        greedy = s.temperature <= 0
+        llm.set_seed(s.seed if s.seed is not None else random.getrandbits(32))
+        if not self.reuse_cache:
+            llm.reset()
+        gen = llm.generate(
+            self.prompt, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, temp=0.0 if greedy else s.temperature,
+            repeat_penalty=s.repeat_penalty, reset=True,
+        )
+        t0 = time.perf_counter()
+        t_first = t_last = None
+        n_samples = 0
+        try:
+            for tok in gen:
+                t_last = time.perf_counter()
+                if t_first is None:
+                    t_first = t_last
+                n_samples += 1
+                if self.cancel is not None and self.cancel.is_set():
+                    stats.finish_reason = "cancelled"
+                    break
+                if m.is_end_of_generation(tok):
+                    stats.finish_reason = "stop"
+                    break
+                self.tokens.append(tok)
+                pending += decoder.decode(llm.detokenize([tok]))
+                if stops:
+                    cut = min((i for i in (pending.find(x) for x in stops) if i >= 0), default=-1)
+                    if cut >= 0:
+                        pending = pending[:cut]
+                        stats.finish_reason = "stop"
+                        break
+                    hold = _held_back(pending, stops)
+                else:
+                    hold = 0
+                if len(pending) > hold:
+                    piece, pending = pending[: len(pending) - hold], pending[len(pending) - hold:]
+                    self.text += piece
+                    yield piece
+                if len(self.tokens) >= budget:
+                    stats.finish_reason = "length"
+                    break
+            else:
+                stats.finish_reason = "stop"
+        finally:
+            gen.close()
+            if t_first is not None:
+                stats.prompt_seconds = t_first - t0
+                stats.generation_seconds = (t_last or t_first) - t_first
+            stats.decoded = max(n_samples - 1, 0)
+            stats.completion_tokens = len(self.tokens)
+        tail = pending + decoder.decode(b"", final=True)
+        if tail and stats.finish_reason != "cancelled":
+            self.text += tail
+            yield tail
+
+    def consume(self) -> "TextStream":
+        for _ in self:
+            pass
+        return self
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
+
+
 class Model:
     """A loaded GGUF: ``Model(path, n_ctx=512, threads=2)``."""
 
@@ -45,7 +189,10 @@ class Model:
         embedding: bool = False,
         seed: int = 0,
         verbose: bool = False,
+        flash_attn: bool = False,
+        vocab_only: bool = False,
     ):
+        import llama_cpp
         from llama_cpp import Llama
 
         self.path = Path(path)
@@ -56,6 +203,9 @@ class Model:
                 model_path=str(self.path), n_ctx=n_ctx, n_threads=_threads(threads),
                 n_threads_batch=_threads(threads), n_batch=n_batch, logits_all=logits_all,
                 use_mmap=use_mmap, embedding=embedding, seed=seed, verbose=verbose,
+                flash_attn=flash_attn, vocab_only=vocab_only,
+                # embeddings: one mean-pooled vector per input, the whole input in one micro-batch
+                **({"pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN, "n_ubatch": n_batch} if embedding else {}),
             )
         except ValueError as exc:  # llama-cpp-python raises ValueError("Failed to load model ...")
             raise ModelFileError(self.path, f"llama.cpp cannot load it: {exc}") from None
@@ -70,7 +220,27 @@ class Model:
 
     @property
     def n_ctx_train(self) -> int:
-        return self._llm.n_ctx_train()
+        return self._llm._model.n_ctx_train()
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether the vocabulary asks for a BOS token in front of a text (``tokenize`` adds it then)."""
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_get_add_bos(self._llm._model.vocab))
+
+    def vocab_digest(self) -> str:
+        """SHA-256 of the vocabulary (every token's text, in id order): equal digests, same tokenizer."""
+        import hashlib
+
+        import llama_cpp
+
+        vocab = self._llm._model.vocab
+        h = hashlib.sha256()
+        for tok in range(self.n_vocab):
+            h.update(llama_cpp.llama_vocab_get_text(vocab, tok) or b"")
+            h.update(b"\0")
+        return h.hexdigest()
 
     def metadata(self) -> dict[str, str]:
         return dict(self._llm.metadata)
@@ -141,13 +311,160 @@ class Model:
             if n + 1 >= max_tokens:
                 return
 
+    @property
+    def threads(self) -> int:
+        return int(self._llm.n_threads)
+
+    def eval_tokens(self, tokens: list[int], *, reset: bool = False) -> None:
+        """Run ``tokens`` through the model (appending to the cache unless ``reset``)."""
+        if reset:
+            self._llm.reset()
+        self._llm.eval(tokens)
+
+    def chunk_logits(self, tokens: list[int] | np.ndarray, first: int = 0) -> np.ndarray:
+        """Logits of positions ``first..len(tokens)-1`` of ``tokens`` decoded as one sequence from an
+        empty cache, as llama-perplexity decodes a chunk: (len(tokens) - first, n_vocab) float32.
+
+        Only those positions are computed (the output layer is skipped for the others), in batches
+        of ``n_batch`` tokens; ``len(tokens)`` must not exceed ``n_ctx``.
+        """
+        import llama_cpp
+
+        ids = np.asarray(tokens, dtype=np.int32)
+        n, n_batch, n_vocab = len(ids), int(self._llm.n_batch), self.n_vocab
+        if not 0 <= first < n <= self.n_ctx:
+            raise ValueError(f"chunk of {n} tokens (first output {first}) does not fit a context of {self.n_ctx}")
+        batch = self._chunk_batch(n_batch)
+        token = np.ctypeslib.as_array(batch.token, shape=(n_batch,))
+        pos = np.ctypeslib.as_array(batch.pos, shape=(n_batch,))
+        want = np.ctypeslib.as_array(batch.logits, shape=(n_batch,))
+        ctx = self._llm.ctx
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        self._llm.n_tokens = 0  # the high-level wrapper's view of the cache is now stale
+        out = np.empty((n - first, n_vocab), dtype=np.float32)
+        row = 0
+        for start in range(0, n, n_batch):
+            size = min(n_batch, n - start)
+            token[:size] = ids[start:start + size]
+            pos[:size] = np.arange(start, start + size, dtype=np.int32)
+            want[:size] = pos[:size] >= first
+            batch.n_tokens = size
+            status = llama_cpp.llama_decode(ctx, batch)
+            if status != 0:
+                raise ModelFileError(self.path, f"llama_decode failed with status {status}")
+            n_out = int(want[:size].sum())
+            if n_out:
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(n_out * n_vocab,))
+                out[row:row + n_out] = logits.reshape(n_out, n_vocab)
+                row += n_out
+        return out
+
+    def _chunk_batch(self, n_batch: int):
+        import llama_cpp
+
+        batch = getattr(self, "_batch", None)
+        if batch is None:
+            batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+            for k in range(n_batch):  # one sequence (id 0) for every token, set once
+                batch.n_seq_id[k] = 1
+                batch.seq_id[k][0] = 0
+            self._batch = batch
+        return batch
+
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Logits for every position of ``tokens`` (needs ``logits_all=True``): (n, n_vocab) float32."""
         self._llm.reset()
         self._llm.eval(tokens)
         return np.array(self._llm.scores[: len(tokens)], dtype=np.float32)
 
+    # -- generation, chat and embeddings (run / chat / serve) --------------------------------------
+    @property
+    def n_embd(self) -> int:
+        return self._llm.n_embd()
+
+    def token_text(self, token: int) -> str:
+        """A token's text as the vocabulary stores it (special tokens included), '' for -1."""
+        if token < 0:
+            return ""
+        return self._llm._model.token_get_text(token)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._llm.metadata.get("tokenizer.chat_template") or None
+
+    def format_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+        """The prompt for ``messages`` from the model's own chat template (sandboxed; see chat.py)."""
+        from .chat import render_chat
+
+        return render_chat(self.chat_template, messages, bos_token=self.token_text(self.bos),
+                           eos_token=self.token_text(self.eos), add_generation_prompt=add_generation_prompt)
+
+    def prompt_tokens(self, prompt: str | list[int]) -> list[int]:
+        """A prompt as llama-cli and llama-server read it: BOS if the vocabulary wants one, and
+        special-token text (``<|im_start|>``) parsed as the special token."""
+        return self.tokenize(prompt, special=True) if isinstance(prompt, str) else [int(t) for t in prompt]
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        *,
+        max_tokens: int = 256,
+        sampling: Sampling | None = None,
+        stop: list[str] | None = None,
+        cancel: threading.Event | None = None,
+        reuse_cache: bool = False,
+    ) -> TextStream:
+        """Stream a continuation of ``prompt`` as text pieces (iterate the result).
+
+        ``reuse_cache`` keeps the part of the KV cache that matches the new prompt (a chat that
+        grows turn by turn); otherwise every generation starts from an empty cache, so equal
+        requests give equal greedy answers. Raises ``ContextLengthError`` if the prompt leaves no
+        room to generate.
+        """
+        ids = self.prompt_tokens(prompt)
+        if len(ids) >= self.n_ctx:
+            raise ContextLengthError(len(ids), self.n_ctx)
+        return TextStream(self, ids, max_tokens, sampling or Sampling(), list(stop or []), cancel, reuse_cache)
+
+    def embed(self, inputs: list[str] | list[list[int]], *, normalize: bool = True) -> tuple[list[np.ndarray], int]:
+        """One mean-pooled (and L2-normalized) vector per input, and the number of tokens read.
+        Needs ``Model(..., embedding=True)``; an input must fit ``n_batch`` tokens."""
+        import llama_cpp
+
+        llm = self._llm
+        if not llm.context_params.embeddings:
+            raise RuntimeError("this Model was loaded without embedding=True")
+        n_embd, n_batch = self.n_embd, int(llm.n_batch)
+        vectors, total = [], 0
+        for item in inputs:
+            ids = self.tokenize(item) if isinstance(item, str) else [int(t) for t in item]
+            if not ids:
+                raise ContextLengthError(0, n_batch, "input (empty)")
+            if len(ids) > n_batch:
+                raise ContextLengthError(len(ids), n_batch, "input")
+            llm._ctx.kv_cache_clear()
+            llm._batch.reset()
+            llm._batch.add_sequence(ids, 0, True)
+            llm._ctx.decode(llm._batch)
+            ptr = llama_cpp.llama_get_embeddings_seq(llm._ctx.ctx, 0)
+            vec = np.ctypeslib.as_array(ptr, shape=(n_embd,)).astype(np.float32)
+            if normalize:
+                norm = float(np.linalg.norm(vec))
+                vec = vec / norm if norm > 0 else vec
+            vectors.append(vec)
+            total += len(ids)
+        llm._ctx.kv_cache_clear()
+        llm._batch.reset()
+        llm.n_tokens = 0
+        return vectors, total
+
     def close(self) -> None:
+        batch = getattr(self, "_batch", None)
+        if batch is not None:
+            import llama_cpp
+
+            llama_cpp.llama_batch_free(batch)
+            self._batch = None
         llm = getattr(self, "_llm", None)
         if llm is not None:
             llm.close()

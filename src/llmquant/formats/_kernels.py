@@ -10,7 +10,13 @@ byte-identity. ``error_model="numpy"`` gives IEEE inf/nan on division by zero, a
 Conventions: the C argument order, 1-D float32 views for ``x``, caller-owned int8/uint8 ``L``
 buffers, a 1-element float32 array for the out-parameter ``*the_min``; ``weights`` / ``qw`` may
 be None where the C pointer may be NULL.
+
+Numba's on-disk cache keys a function on its own file only: after editing this module, delete
+``formats/__pycache__/*.nb*`` or callers in kquants.py / legacy.py keep the old code.
 """
+
+# the C comparisons stay as written: max()/min() differ from them on NaN and on operand order
+# ruff: noqa: PLR1730, FURB136
 
 from __future__ import annotations
 

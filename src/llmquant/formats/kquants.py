@@ -19,6 +19,9 @@ block structs of ``ggml-common.h`` (sizes in bytes):
       j>=4: scales[j+4] = (sc_j & 15) | (m_j & 15) << 4  scales[8 + j%4] bits 2*(j/4).. = sc_j >> 4
 """
 
+# the C comparisons stay as written: max()/min() differ from them on NaN and on operand order
+# ruff: noqa: PLR1730
+
 from __future__ import annotations
 
 import numpy as np

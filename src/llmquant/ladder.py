@@ -1,0 +1,245 @@
+"""The main job: quantize a model to every rung, measure each against the F32 rendering of the
+source, time it, and say which rung to use here and why. Orchestration only: quantize.py,
+eval.py, bench.py and fit.py do the work; report.py renders the result."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from gguf import LlamaFileType
+
+from .models import resolve_model
+from .quantize import QuantizeResult, output_is_current, quantize_model
+from .recipes import RecipeOptions, ftype_name, parse_ftype
+from .sources import GGUFSource
+
+DEFAULT_RUNGS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
+
+Step = Callable[[str, float | None], None]  # (description, fraction done or None)
+
+
+@dataclass
+class RungResult:
+    name: str
+    path: str
+    reused: bool
+    file_bytes: int
+    bits_per_weight: float
+    quantize_seconds: float
+    types: dict[str, dict[str, int]]
+    fallback_share: float  # share of quantized weights stored in a fallback type
+    fallbacks: dict[str, int]  # "Q4_K -> Q5_0": tensors
+    eval: dict = field(default_factory=dict)
+    speed: dict = field(default_factory=dict)
+
+    def main_types(self, limit: int = 2) -> str:
+        total = sum(e["params"] for e in self.types.values()) or 1
+        ranked = sorted(self.types.items(), key=lambda kv: -kv[1]["params"])[:limit]
+        return ", ".join(f"{100 * e['params'] / total:.0f}% {name}" for name, e in ranked)
+
+
+@dataclass
+class LadderResult:
+    model: str
+    model_name: str | None
+    source_type: str | None
+    source_was_quantized: bool
+    base: str
+    base_type: str
+    ctx: int
+    chunks: int | None
+    text: str
+    threads: int
+    rungs: list[RungResult]
+    inversions: list[str]
+    recommendation: str | None
+    reasons: list[str]
+    notes: list[str]
+    seconds: float
+    out_dir: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _threads(threads: int | None) -> int:
+    if threads:
+        return threads
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _quantize(src: Path, dst: Path, ftype: LlamaFileType, threads: int) -> tuple[QuantizeResult, bool]:
+    options = RecipeOptions(allow_requantize=True)
+    if dst.exists() and output_is_current(dst, src, ftype, options):
+        return quantize_model(src, None, ftype, options=options, dry_run=True), True
+    return quantize_model(src, dst, ftype, options=options, threads=threads, force=True), False
+
+
+def _rung(name: str, path: Path, q: QuantizeResult, reused: bool) -> RungResult:
+    quantized = [p for p in q.plans if p.quantizable]
+    total = sum(_n(p.shape) for p in quantized) or 1
+    fallbacks: dict[str, int] = {}
+    for p in q.fallbacks:
+        key = f"{p.target.name} -> {p.type.name}"
+        fallbacks[key] = fallbacks.get(key, 0) + 1
+    return RungResult(
+        name=name, path=str(path), reused=reused, file_bytes=path.stat().st_size,
+        bits_per_weight=q.bits_per_weight, quantize_seconds=0.0 if reused else q.seconds,
+        types=q.type_counts(), fallback_share=sum(_n(p.shape) for p in q.fallbacks) / total,
+        fallbacks=fallbacks,
+    )
+
+
+def _n(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def run_ladder(
+    model: str | Path | None = None,
+    *,
+    rungs: tuple[str, ...] = DEFAULT_RUNGS,
+    out_dir: str | Path = "ladder-out",
+    text: str | Path | None = None,
+    ctx: int = 512,
+    chunks: int | None = None,
+    threads: int | None = None,
+    speed: bool = True,
+    step: Step | None = None,
+) -> LadderResult:
+    from .eval import evaluate_many
+
+    t0 = time.perf_counter()
+    step = step or (lambda desc, frac: None)
+    threads = _threads(threads)
+    src = resolve_model(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ftypes = [(name.upper(), parse_ftype(name)) for name in rungs]
+    with GGUFSource(src) as s:
+        stem = (s.get("general.name") or src.stem).replace(" ", "-")
+        model_name = s.get("general.name")
+        source_type = ftype_name(s.file_type) if s.file_type is not None else None
+        source_was_quantized = s.is_quantized
+        f32_bytes = s.n_params * 4
+    notes: list[str] = []
+    # the base of every comparison: the F32 rendering of the source (F16 where memory is short)
+    base_ftype = LlamaFileType.ALL_F32
+    try:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if f32_bytes * 3 > avail:
+            base_ftype = LlamaFileType.MOSTLY_F16
+            notes.append("the base is the F16 rendering of the source: its F32 rendering would not fit in memory")
+    except (ValueError, OSError):
+        pass
+    base_path = out / f"{stem}-{ftype_name(base_ftype)}.gguf"
+    step(f"base: {ftype_name(base_ftype)} rendering of the source", None)
+    _quantize(src, base_path, base_ftype, threads)
+    if source_was_quantized:
+        notes.append(
+            f"the source file is itself quantized ({source_type}); every rung is re-quantized from its "
+            f"{ftype_name(base_ftype)} rendering, so the losses shown are optimistic compared with "
+            "quantizing the original weights"
+        )
+    results: list[RungResult] = []
+    for i, (name, ftype) in enumerate(ftypes):
+        path = out / f"{stem}-{name}.gguf"
+        step(f"quantize {name}", i / len(ftypes))
+        q, reused = _quantize(src, path, ftype, threads)
+        results.append(_rung(name, path, q, reused))
+    step("evaluate against the base", None)
+    evals = evaluate_many([Path(r.path) for r in results], base_path, text=text, ctx=ctx, chunks=chunks,
+                          threads=threads, progress=lambda done, total: step(f"evaluate chunk {done}/{total}", done / max(total, 1)))
+    for r, e in zip(results, evals):
+        r.eval = e.to_dict()
+    if speed:
+        from .bench import probe
+
+        for i, r in enumerate(results):
+            step(f"speed {r.name}", i / len(results))
+            r.speed = probe(r.path, n_prompt=128, n_gen=32, repetitions=2, threads=threads).to_dict()
+    inversions = find_inversions(results, source_type if source_was_quantized else None)
+    recommendation, reasons = recommend(results, model_params=_params(src))
+    text_name = str(text) if text else "llmquant built-in evaluation text"
+    return LadderResult(
+        model=str(src), model_name=model_name, source_type=source_type,
+        source_was_quantized=source_was_quantized, base=str(base_path), base_type=ftype_name(base_ftype),
+        ctx=ctx, chunks=evals[0].n_chunks if evals else chunks, text=text_name, threads=threads, rungs=results,
+        inversions=inversions, recommendation=recommendation, reasons=reasons, notes=notes,
+        seconds=time.perf_counter() - t0, out_dir=str(out),
+    )
+
+
+def _params(path: Path) -> int:
+    with GGUFSource(path) as s:
+        return s.n_params
+
+
+def find_inversions(rungs: list[RungResult], source_type: str | None) -> list[str]:
+    """Pairs where a larger file measures clearly worse than a smaller one, explained from the
+    per-tensor types rather than left to the reader."""
+    out = []
+    by_size = sorted(rungs, key=lambda r: r.file_bytes)
+    for i, small in enumerate(by_size):
+        for big in by_size[i + 1:]:
+            ks, kb = small.eval.get("kld_mean"), big.eval.get("kld_mean")
+            es, eb = small.eval.get("kld_err", 0.0), big.eval.get("kld_err", 0.0)
+            if ks is None or kb is None or kb <= ks + 2 * (es + eb):
+                continue
+            why = (
+                f"{big.name} ({big.file_bytes / 2**20:.1f} MiB) measures worse than {small.name} "
+                f"({small.file_bytes / 2**20:.1f} MiB): KLD {kb:.4f} vs {ks:.4f}. Their weights are mostly "
+                f"not in the types their names suggest: {big.name} = {big.main_types()}, "
+                f"{small.name} = {small.main_types()}"
+            )
+            falls = [r for r in (big, small) if r.fallback_share > 0.5]
+            if falls:
+                why += (" — " + ", ".join(f"{r.name} has {100 * r.fallback_share:.0f}% of its weights in fallback types "
+                                            f"({'; '.join(f'{n} x {k}' for k, n in r.fallbacks.items())})" for r in falls))
+            if source_type:
+                why += (f". The source weights already sit on a {source_type} grid, so how well a 32-block type "
+                        "re-grids them matters more than its nominal bits")
+            out.append(why + ".")
+    return out
+
+
+def recommend(rungs: list[RungResult], model_params: int) -> tuple[str | None, list[str]]:
+    """The smallest rung whose quality loss stays within the threshold for this model size
+    (the seeds' rule: Q8_0 near-lossless, Q5_K_M/Q4_K_M the sweet spot, Q3 and below noticeable;
+    small models lose proportionally more at low bits, so they get a stricter threshold)."""
+    small_model = model_params < 3e9
+    limit = 0.01 if small_model else 0.03  # allowed PPL increase
+    kld_limit = 0.02 if small_model else 0.05
+    measured = [r for r in rungs if r.eval.get("ppl_ratio") is not None]
+    if not measured:
+        return None, ["no rung could be evaluated"]
+    good = [r for r in measured if r.eval["ppl_ratio"] - 1 <= limit and r.eval["kld_mean"] <= kld_limit]
+    reasons = []
+    if not good:
+        best = min(measured, key=lambda r: r.eval["kld_mean"])
+        return best.name, [f"no rung stays within +{100 * limit:.0f}% perplexity; {best.name} loses least"]
+    pick = min(good, key=lambda r: r.file_bytes)
+    e = pick.eval
+    reasons.append(
+        f"{pick.name} is the smallest rung that stays within +{100 * limit:.0f}% perplexity and KLD {kld_limit}: "
+        f"{pick.file_bytes / 2**20:.1f} MiB, {pick.bits_per_weight:.2f} bpw, PPL x{e['ppl_ratio']:.4f}, "
+        f"KLD {e['kld_mean']:.4f}, same top token {e['top1']:.1f}%"
+    )
+    smaller = [r for r in measured if r.file_bytes < pick.file_bytes]
+    if smaller:
+        nxt = max(smaller, key=lambda r: r.file_bytes)
+        reasons.append(
+            f"the next smaller rung, {nxt.name}, loses more: PPL x{nxt.eval['ppl_ratio']:.4f}, KLD {nxt.eval['kld_mean']:.4f}"
+        )
+    if small_model:
+        reasons.append(
+            f"with {model_params / 1e6:.0f}M parameters this is a small model, which loses proportionally more at "
+            "low bits, so the threshold is stricter than the usual Q4_K_M sweet spot"
+        )
+    return pick.name, reasons

@@ -1,0 +1,126 @@
+"""Render a ladder: a rich table for the terminal, ladder.json, ladder.md and ladder.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from .ladder import LadderResult
+
+COLUMNS = ("rung", "size", "bpw", "PPL", "ΔPPL", "KLD mean", "KLD p99", "same top", "pp t/s", "tg t/s",
+           "peak RSS", "fallback")
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def rows(result: LadderResult) -> list[list[str]]:
+    out = []
+    for r in result.rungs:
+        e, s = r.eval, r.speed
+        out.append([
+            r.name + (" *" if r.name == result.recommendation else ""),
+            _mib(r.file_bytes),
+            f"{r.bits_per_weight:.2f}",
+            f"{e['ppl']:.3f} ± {e['ppl_err']:.3f}" if e else "-",
+            f"{100 * (e['ppl_ratio'] - 1):+.2f}%" if e else "-",
+            f"{e['kld_mean']:.5f}" if e else "-",
+            f"{e['kld_p99']:.4f}" if e else "-",
+            f"{e['top1']:.2f}%" if e else "-",
+            f"{s['pp_tps']:.0f}" if s else "-",
+            f"{s['tg_tps']:.1f}" if s else "-",
+            _mib(s["peak_rss"]) if s and s.get("peak_rss") else "-",
+            f"{100 * r.fallback_share:.0f}%",
+        ])
+    return out
+
+
+def header_lines(result: LadderResult) -> list[str]:
+    lines = [
+        f"model: {result.model_name or result.model} ({result.source_type or '?'} file: {result.model})",
+        f"base of comparison: {result.base_type} rendering ({result.base}); text: {result.text}; "
+        f"ctx {result.ctx}, {result.chunks} chunks, second half of each chunk scored; {result.threads} threads",
+    ]
+    return lines
+
+
+def footer_lines(result: LadderResult) -> list[str]:
+    lines = []
+    if any(r.fallback_share > 0 for r in result.rungs):
+        lines.append("fallback = share of quantized weights stored in another type than the rung's rule asks for, "
+                     "because their row length is not a multiple of the block size (256 for K types):")
+        for r in result.rungs:
+            if r.fallbacks:
+                lines.append(f"  {r.name}: " + ", ".join(f"{n} x {k}" for k, n in r.fallbacks.items()))
+    lines += [f"note: {n}" for n in result.notes]
+    lines += [f"inversion: {i}" for i in result.inversions]
+    if result.recommendation:
+        lines.append(f"recommendation: {result.recommendation} (*) - " + "; ".join(result.reasons) + ".")
+    return lines
+
+
+def table(result: LadderResult) -> Table:
+    t = Table(title="llmquant ladder", title_justify="left")
+    for c in COLUMNS:
+        t.add_column(c, justify="left" if c == "rung" else "right")
+    for row in rows(result):
+        t.add_row(*row)
+    return t
+
+
+def markdown(result: LadderResult) -> str:
+    out = ["# llmquant ladder", ""]
+    out += [f"- {line}" for line in header_lines(result)]
+    out += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    out += ["| " + " | ".join(r) + " |" for r in rows(result)]
+    out.append("")
+    out += [f"- {line.strip()}" if not line.startswith("  ") else f"  - {line.strip()}" for line in footer_lines(result)]
+    return "\n".join(out) + "\n"
+
+
+def plot(result: LadderResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(r.file_bytes / 2**20, r.eval["kld_mean"], r.eval.get("ppl_ratio", 1.0), r.name)
+           for r in result.rungs if r.eval]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, idx, label in ((ax1, 1, "mean KL-divergence to the base (log)"),
+                           (ax2, 2, "perplexity increase vs base (%)")):
+        xs = [p[0] for p in pts]
+        ys = [max(p[1], 1e-7) if idx == 1 else 100 * (p[2] - 1) for p in pts]
+        colors = ["tab:red" if p[3] == result.recommendation else "tab:blue" for p in pts]
+        ax.scatter(xs, ys, c=colors, s=40, zorder=3)
+        for x, y, p in zip(xs, ys, pts):
+            ax.annotate(p[3], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
+        ax.set_xscale("log")
+        if idx == 1:
+            ax.set_yscale("log")
+        ax.set_xlabel("file size (MiB, log)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    title = f"{result.model_name or Path(result.model).name}: quality loss vs size (base: {result.base_type} rendering)"
+    if result.source_was_quantized:
+        title += f"\nsource was {result.source_type}: losses are optimistic"
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_all(result: LadderResult, out_dir: Path) -> dict[str, str]:
+    out_dir = Path(out_dir)
+    paths = {"json": out_dir / "ladder.json", "md": out_dir / "ladder.md", "png": out_dir / "ladder.png"}
+    for key, text in (("json", json.dumps(result.to_dict(), indent=2, default=str) + "\n"), ("md", markdown(result))):
+        tmp = paths[key].with_suffix(paths[key].suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(paths[key])
+    tmp_png = out_dir / "ladder.tmp.png"
+    plot(result, tmp_png)
+    tmp_png.replace(paths["png"])
+    return {k: str(v) for k, v in paths.items()}
