@@ -9,7 +9,6 @@ peak RSS is the model's own.
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -87,11 +86,50 @@ def probe(path: str | Path, **kwargs) -> SpeedResult:
     return SpeedResult(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
+def model_facts(path: str | Path) -> dict:
+    """What llama-bench prints about a model: ``arch size-label ftype``, tensor bytes, parameters —
+    and the bytes of weights one generated token reads (every matrix once; the token embedding is
+    a row lookup unless it doubles as the output matrix)."""
+    from .sources import GGUFSource
+
+    with GGUFSource(path) as src:
+        ftype = src.file_type
+        ftype_name = ftype.name.removeprefix("MOSTLY_") if ftype is not None else "?"
+        size_label = src.get("general.size_label") or "?B"
+        names = {t.name for t in src.tensors}
+        per_token = sum(t.n_bytes for t in src.tensors
+                        if not (t.name == "token_embd.weight" and "output.weight" in names))
+        return {"desc": f"{src.arch} {size_label} {ftype_name}", "tensor_bytes": src.tensor_bytes,
+                "n_params": src.n_params, "bytes_per_token": per_token}
+
+
+def bench_rows(result: SpeedResult) -> list[dict]:
+    """``result`` as llama-bench's rows: model, size, params, backend, threads, test, t/s."""
+    facts = model_facts(result.model)
+    base = {"model": facts["desc"], "size": _mib(facts["tensor_bytes"]), "params": f"{facts['n_params'] / 1e6:.2f} M"
+            if facts["n_params"] < 1e9 else f"{facts['n_params'] / 1e9:.2f} B", "backend": "CPU",
+            "threads": result.threads}
+    rows = []
+    if result.n_prompt:
+        rows.append({**base, "test": f"pp{result.n_prompt}", "t/s": f"{result.pp_tps:.2f} ± {result.pp_std:.2f}",
+                     "avg_ts": result.pp_tps, "stddev_ts": result.pp_std})
+    if result.n_gen:
+        rows.append({**base, "test": f"tg{result.n_gen}", "t/s": f"{result.tg_tps:.2f} ± {result.tg_std:.2f}",
+                     "avg_ts": result.tg_tps, "stddev_ts": result.tg_std})
+    return rows
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
 def _child(argv: list[str]) -> None:
     kwargs = json.loads(argv[0])
     path = kwargs.pop("path")
     result = bench_model(path, **kwargs)
-    result.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from .memprobe import peak_rss
+
+    result.peak_rss = peak_rss()
     print(json.dumps(result.to_dict()))
 
 

@@ -99,14 +99,14 @@ def render_chat(
 
 
 def validate_messages(messages: Any) -> list[dict[str, str]]:
-    """Messages in OpenAI's shape -> ``[{"role", "content"}]`` with text content; raises
-    ``ChatTemplateError``-free ``ValueError`` naming the bad message."""
+    """Messages in OpenAI's shape -> ``[{"role", "content"}]`` with text content (text parts are
+    joined, ``developer`` becomes ``system``). Raises ``ValueError`` naming the bad message."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
+            raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")  # noqa: TRY004
         role = m.get("role")
         if role not in ROLES:
             raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}")

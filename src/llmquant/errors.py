@@ -85,3 +85,15 @@ class EvalTextError(EvalError):
     def __init__(self, path: object, problem: str):
         self.path = path
         super().__init__(f"{path}: {problem}", path)
+
+
+class UnsupportedModelError(LlmquantError):
+    """A Hugging Face model llmquant cannot convert (architecture, tokenizer, weight format)."""
+
+
+class UnsafeFormatError(LlmquantError):
+    """A PyTorch pickle checkpoint (.bin) was found and reading pickles was not allowed."""
+
+    def __init__(self, path: object, problem: str):
+        self.path = path
+        super().__init__(f"{path}: {problem}")

@@ -165,7 +165,7 @@ class BaseProbs:
                 np.exp(logp, out=p)
                 p[logp <= -16.0] = 0.0  # kl_divergence() skips p_log_base <= -16
             else:
-                m, lse = _shifted_lse(z, logp)
+                _, lse = _shifted_lse(z, logp)  # logp = z - max
                 logp -= lse[:, None]
                 top[lo:hi] = z.argmax(axis=1)
                 p = probs[lo:hi]
@@ -517,8 +517,10 @@ def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks:
         base = load(base_path) if base_path is not None else None
         models = [load(p) for p in paths]
         if base is not None:
-            digest = base.vocab_digest()
+            digest = None
             for path, m in zip(paths, models):
+                if m.n_vocab == base.n_vocab:
+                    digest = digest or base.vocab_digest()
                 if m.n_vocab != base.n_vocab or m.vocab_digest() != digest:
                     raise EvalError(
                         f"{path.name} and the base {base_path.name} have different vocabularies "

@@ -29,13 +29,18 @@ def default_model_path() -> Path:
 
 
 def resolve_model(spec: str | Path | None) -> Path:
-    """A model argument -> a GGUF path. None (or the default's name) -> the embedded default."""
+    """A model argument -> a GGUF path: None (or the default's name) -> the embedded default; an
+    existing path -> itself; otherwise a ``name[:tag]`` in the store (store.py)."""
     if spec is None or str(spec) in (DEFAULT_MODEL_NAME, "default"):
         return default_model_path()
     path = Path(spec).expanduser()
-    if not path.exists():
-        raise ModelFileError(path, "no such file")
-    return path
+    if path.exists():
+        return path
+    from . import store
+
+    if isinstance(spec, str) and store.looks_like_name(spec):
+        return store.resolve(spec)
+    raise ModelFileError(path, "no such file")
 
 
 def is_default_model(path: Path) -> bool:

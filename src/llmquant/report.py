@@ -86,6 +86,7 @@ def plot(result: LadderResult, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     pts = [(r.file_bytes / 2**20, r.eval["kld_mean"], r.eval.get("ppl_ratio", 1.0), r.name)
            for r in result.rungs if r.eval]
@@ -95,10 +96,15 @@ def plot(result: LadderResult, path: Path) -> None:
         xs = [p[0] for p in pts]
         ys = [max(p[1], 1e-7) if idx == 1 else 100 * (p[2] - 1) for p in pts]
         colors = ["tab:red" if p[3] == result.recommendation else "tab:blue" for p in pts]
+        order = sorted(range(len(xs)), key=lambda i: xs[i])
+        ax.plot([xs[i] for i in order], [ys[i] for i in order], color="tab:gray", alpha=0.4, zorder=2)
         ax.scatter(xs, ys, c=colors, s=40, zorder=3)
         for x, y, p in zip(xs, ys, pts):
             ax.annotate(p[3], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.tick_params(axis="x", which="minor", labelsize=8)
         if idx == 1:
             ax.set_yscale("log")
         ax.set_xlabel("file size (MiB, log)")
@@ -107,6 +113,8 @@ def plot(result: LadderResult, path: Path) -> None:
     title = f"{result.model_name or Path(result.model).name}: quality loss vs size (base: {result.base_type} rendering)"
     if result.source_was_quantized:
         title += f"\nsource was {result.source_type}: losses are optimistic"
+    if result.recommendation:
+        title += f"  -  red: recommended ({result.recommendation})"
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

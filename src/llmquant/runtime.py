@@ -52,6 +52,8 @@ class Sampling:
     top_k: int = 40
     min_p: float = 0.05
     repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None  # None: a fresh random seed per generation
 
 
@@ -108,7 +110,8 @@ class TextStream:
             llm.reset()
         gen = llm.generate(
             self.prompt, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, temp=0.0 if greedy else s.temperature,
-            repeat_penalty=s.repeat_penalty, reset=True,
+            repeat_penalty=s.repeat_penalty, frequency_penalty=s.frequency_penalty,
+            presence_penalty=s.presence_penalty, reset=True,
         )
         t0 = time.perf_counter()
         t_first = t_last = None
@@ -191,22 +194,33 @@ class Model:
         verbose: bool = False,
         flash_attn: bool = False,
         vocab_only: bool = False,
+        kv_type: str | None = None,
     ):
         import llama_cpp
         from llama_cpp import Llama
 
+        # KV cache type ("f16", "q8_0", "q4_0"); llama.cpp needs flash attention for a quantized V cache
+        kv = {} if kv_type is None else {"type_k": _kv_ggml_type(kv_type), "type_v": _kv_ggml_type(kv_type)}
+        if kv_type is not None and kv_type.lower() not in ("f16", "f32", "bf16"):
+            flash_attn = True
+
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelFileError(self.path, "no such file")
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        # a vocabulary-only load warns about its (absent) training context on stderr whatever the level
+        quiet = suppress_stdout_stderr(disable=verbose or not vocab_only)
+        # embeddings: one mean-pooled vector per input, the whole input in one micro-batch
+        pooled: dict[str, Any] = {"pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN, "n_ubatch": n_batch} if embedding else {}
         try:
-            self._llm = Llama(
-                model_path=str(self.path), n_ctx=n_ctx, n_threads=_threads(threads),
-                n_threads_batch=_threads(threads), n_batch=n_batch, logits_all=logits_all,
-                use_mmap=use_mmap, embedding=embedding, seed=seed, verbose=verbose,
-                flash_attn=flash_attn, vocab_only=vocab_only,
-                # embeddings: one mean-pooled vector per input, the whole input in one micro-batch
-                **({"pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN, "n_ubatch": n_batch} if embedding else {}),
-            )
+            with quiet:
+                self._llm = Llama(
+                    model_path=str(self.path), n_ctx=n_ctx, n_threads=_threads(threads),
+                    n_threads_batch=_threads(threads), n_batch=n_batch, logits_all=logits_all,
+                    use_mmap=use_mmap, embedding=embedding, seed=seed, verbose=verbose,
+                    flash_attn=flash_attn, vocab_only=vocab_only, **kv, **pooled,
+                )
         except ValueError as exc:  # llama-cpp-python raises ValueError("Failed to load model ...")
             raise ModelFileError(self.path, f"llama.cpp cannot load it: {exc}") from None
 
@@ -216,7 +230,8 @@ class Model:
 
     @property
     def n_ctx(self) -> int:
-        return self._llm.n_ctx()
+        # llama.cpp pads the context (to 256); llama-cpp-python's token buffer keeps the size asked for
+        return min(self._llm.n_ctx(), len(self._llm.input_ids))
 
     @property
     def n_ctx_train(self) -> int:
@@ -237,6 +252,9 @@ class Model:
 
         vocab = self._llm._model.vocab
         h = hashlib.sha256()
+        if llama_cpp.llama_vocab_type(vocab) == llama_cpp.LLAMA_VOCAB_TYPE_NONE:  # no token texts to read
+            h.update(f"none:{self.n_vocab}".encode())
+            return h.hexdigest()
         for tok in range(self.n_vocab):
             h.update(llama_cpp.llama_vocab_get_text(vocab, tok) or b"")
             h.update(b"\0")
@@ -475,3 +493,47 @@ class Model:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}  # ggml_type values
+
+
+def _kv_ggml_type(name: str) -> int:
+    try:
+        return _KV_TYPES[name.strip().lower()]
+    except KeyError:
+        raise ValueError(f"unknown KV cache type {name!r}; expected one of {', '.join(_KV_TYPES)}") from None
+
+
+def llama_buffer_sizes(path: str | Path, *, n_ctx: int, n_batch: int = 512, kv_type: str | None = None,
+                       flash_attn: bool = False) -> dict[str, int]:
+    """The buffers llama.cpp allocates for ``path`` at these settings, in bytes, as it reports them in
+    its log ("model", "repack", "KV", "compute", "output"; 0.01 MiB resolution). Loads the model once
+    (weights mmap'd, nothing evaluated) with llama.cpp's log captured; fit's tests compare these with
+    its formulas."""
+    import ctypes
+    import re
+
+    import llama_cpp
+    from llama_cpp import _logger
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def capture(level, text, user_data):
+        lines.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+    try:
+        with Model(path, n_ctx=n_ctx, n_batch=n_batch, threads=1, kv_type=kv_type, flash_attn=flash_attn):
+            pass
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    sizes = {"model": 0, "repack": 0, "KV": 0, "compute": 0, "output": 0}
+    rx = re.compile(r"(\S+)\s+(model|KV|compute|output) buffer size =\s+([\d.]+) MiB")
+    for line in "".join(lines).splitlines():
+        m = rx.search(line)
+        if m:
+            key = "repack" if m[2] == "model" and "REPACK" in m[1] else m[2]
+            sizes[key] += int(round(float(m[3]) * (1 << 20)))
+    return sizes
