@@ -123,6 +123,8 @@ def test_sandbox_renders_ordinary_templates():
     )
     msgs = [{"role": "system", "content": " be brief "}, {"role": "user", "content": "héllo"}]
     assert render_chat(template, msgs, bos_token="<s>") == '<s>[S]be brief[USER]"héllo"[A]'
+    hf_style = "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% if loop.first %}{% break %}{% endif %}{% endfor %}"
+    assert render_chat(hf_style, msgs) == " be brief "
     with pytest.raises(ChatTemplateError, match="roles must alternate"):
         render_chat("{{ raise_exception('roles must alternate') }}", msgs)
     with pytest.raises(ChatTemplateError, match="cannot parse"):

@@ -46,10 +46,11 @@ def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     env = {**os.environ, "LLMQUANT_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     env.pop("LLMQUANT_API_KEY", None)
+    log = (home / "server.log").open("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "llmquant", "serve", "--port", "0", "--parallel", "2", "--threads", "1",
          "--ctx", str(CTX), "--api-key", KEY],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE, stderr=log, text=True, env=env,
     )
     url = None
     deadline = time.monotonic() + 60
@@ -63,7 +64,8 @@ def server(tmp_path_factory):
                 url = line.split("http://", 1)[1].split()[0].removesuffix("/v1")
     if url is None:
         proc.kill()
-        raise RuntimeError(f"server did not start: {proc.stderr.read()[-2000:]}")
+        log.seek(0)
+        raise RuntimeError(f"server did not start: {log.read()[-2000:]}")
     base = f"http://{url}"
     yield base
     proc.terminate()
@@ -72,6 +74,10 @@ def server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    log.seek(0)
+    logged = log.read()
+    log.close()
+    assert "Traceback" not in logged, logged[-3000:]  # no request crashed the server's handlers
 
 
 @pytest.fixture(scope="module")
@@ -224,21 +230,24 @@ def test_eight_concurrent_clients_get_complete_correct_answers(server, reference
     assert health["slots_idle"] == health["slots_total"] == 2
 
 
-def _start_stream_and_hang_up(server: str) -> None:
+def _start_and_hang_up(server: str, stream: bool) -> None:
     host, port = server.removeprefix("http://").rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     body = json.dumps({"model": MODEL, "prompt": "Write a very long essay about the sea.", "max_tokens": 900,
-                       "temperature": 0.7, "stream": True})
+                       "temperature": 0.7, "stream": stream})
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
-    resp = conn.getresponse()
-    assert resp.status == 200
-    assert resp.readline().startswith(b"data: ")  # the first token arrived: it is generating
-    conn.sock.close()  # hang up mid-stream
+    if stream:
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.readline().startswith(b"data: ")  # the first token arrived: it is generating
+    else:
+        time.sleep(0.5)  # generating by now
+    conn.sock.close()  # hang up mid-answer
     conn.close()
 
 
-def test_client_disconnect_mid_stream_frees_the_slot(server, client):
-    threads = [threading.Thread(target=_start_stream_and_hang_up, args=(server,)) for _ in range(2)]
+def test_client_disconnect_mid_answer_frees_the_slot(server, client):
+    threads = [threading.Thread(target=_start_and_hang_up, args=(server, stream)) for stream in (True, False, True)]
     for t in threads:
         t.start()
     for t in threads:
@@ -316,3 +325,11 @@ def test_waiting_requests_get_slots_in_arrival_order():
         return order
 
     assert asyncio.run(scenario()) == list(range(6))
+
+
+def test_a_busy_port_is_one_clear_line(server):
+    port = server.rsplit(":", 1)[1]
+    r = subprocess.run([sys.executable, "-m", "llmquant", "serve", "--port", port], capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert r.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr

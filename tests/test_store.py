@@ -277,7 +277,6 @@ def test_hf_cache_without_huggingface_hub_says_how_to_install(home, monkeypatch)
 
 
 # -- quantize registers its output ---------------------------------------------------------------------
-@pytest.mark.slow
 def test_quantize_name_registers_the_output(tmp_path):
     home = tmp_path / "home"
     out = tmp_path / "smol-q8.gguf"

@@ -46,8 +46,17 @@ def _sandbox():
         def unsafe_undefined(self, obj: Any, attribute: str):
             raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
 
+    class GenerationTag(ext.Extension):
+        """Hugging Face's ``{% generation %}...{% endgeneration %}`` (marks training targets): pass-through."""
+
+        tags = frozenset({"generation"})
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
     env = StrictSandbox(loader=BaseLoader(), trim_blocks=True, lstrip_blocks=True,
-                        extensions=[ext.loopcontrols], autoescape=False)
+                        extensions=[ext.loopcontrols, GenerationTag], autoescape=False)
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

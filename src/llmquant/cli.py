@@ -273,6 +273,8 @@ def ladder(
     ctx: Annotated[int, typer.Option("--ctx", help="Context per evaluation chunk.")] = 512,
     chunks: Annotated[Optional[int], typer.Option("--chunks", help="Evaluate at most N chunks.")] = None,
     no_speed: Annotated[bool, typer.Option("--no-speed", help="Skip the speed and memory measurements.")] = False,
+    fit_ctx: Annotated[Optional[int], typer.Option("--fit-ctx", help="Context for the memory fit (default: trained, max 8192).")] = None,
+    machine: Annotated[str, typer.Option("--machine", help="Machine to fit on (see llmquant fit --machine list).")] = "this",
     threads: ThreadsOpt = 0,
     name: Annotated[Optional[str], typer.Option("--name", help="Also store every rung as NAME[:TAG]-RUNG (e.g. smollm2:135m -> smollm2:135m-q4_k_m).", show_default=False)] = None,
     as_json: JsonOpt = False,
@@ -295,7 +297,8 @@ def ladder(
             bar.update(task, description=desc, completed=frac if frac is not None else 0)
 
         result = run_ladder(model, rungs=names, out_dir=out_dir, text=text, ctx=ctx, chunks=chunks,
-                            threads=threads or None, speed=not no_speed, step=step)
+                            threads=threads or None, speed=not no_speed, fit_ctx=fit_ctx, machine=machine,
+                            step=step)
     paths = write_all(result, out_dir)
     stored = []
     if name:
@@ -305,14 +308,14 @@ def ladder(
     if as_json:
         _print_json({**result.to_dict(), "outputs": paths, **({"stored_as": stored} if stored else {})})
         return
-    if stored:
-        out.print(f"stored as {', '.join(stored)}", highlight=False)
     for line in header_lines(result):
         out.print(line, highlight=False)
     out.print(table(result))
     for line in footer_lines(result):
         out.print(line, highlight=False)
     out.print(f"wrote {paths['json']}, {paths['md']}, {paths['png']} in {result.seconds:.0f} s", highlight=False)
+    if stored:
+        out.print(f"stored as {', '.join(stored)}", highlight=False)
 
 
 # -- eval -------------------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ _ALWAYS_F32 = tuple(TENSOR_NAMES[getattr(MODEL_TENSOR, k)] for k in (
     "ALTUP_CORRECT_COEF", "ALTUP_PREDICT_COEF", "SSM_CONV1D_Q", "SSM_CONV1D_K", "SSM_CONV1D_V", "INDEXER_PROJ",
 ) if hasattr(MODEL_TENSOR, k))
 
+_SLICE_VALUES = 1 << 21  # values per quantization slice (8 MiB of float32)
+
 ProgressFn = Callable[[int, int, str], None]
 
 
@@ -215,5 +217,11 @@ def _encode(t: HFTensor, plan: TensorPlan) -> np.ndarray:
         raise TensorDataError(t.hf_name, f"read shape {values.shape}, expected {t.numpy_shape}")
     if plan.type == T.F32:
         return values
+    # in slices of rows, so that a format's temporaries stay small beside the one float32 copy
     rows = values.reshape(-1, plan.shape[0])
-    return get_format(plan.type).quantize(rows)
+    fmt = get_format(plan.type)
+    out = np.empty((rows.shape[0], fmt.row_size(rows.shape[1])), dtype=np.uint8)
+    step = max(1, _SLICE_VALUES // rows.shape[1])
+    for i in range(0, rows.shape[0], step):
+        out[i:i + step] = fmt.quantize(rows[i:i + step])
+    return out

@@ -461,6 +461,13 @@ def load_spec(arg: str | Path | None) -> ModelSpec:
         return spec_from_hf_dir(path)
     if path.is_file():
         return spec_from_gguf(path)
+    from . import store
+
+    if store.looks_like_name(str(arg)):  # a model in the store (llmquant list) before a preset
+        try:
+            return spec_from_gguf(store.resolve(str(arg)))
+        except store.UnknownModelError:
+            pass
     if path.suffix.lower() == ".gguf" or "/" in str(arg):
         raise ModelSpecError(path, "no such file or folder")
     return spec_from_preset(str(arg))

@@ -12,6 +12,7 @@ from typing import Callable
 
 from gguf import LlamaFileType
 
+from .errors import LlmquantError
 from .models import resolve_model
 from .quantize import QuantizeResult, output_is_current, quantize_model
 from .recipes import RecipeOptions, ftype_name, parse_ftype
@@ -35,6 +36,7 @@ class RungResult:
     fallbacks: dict[str, int]  # "Q4_K -> Q5_0": tensors
     eval: dict = field(default_factory=dict)
     speed: dict = field(default_factory=dict)
+    fit: dict = field(default_factory=dict)  # llmquant fit's row for this rung on this machine
 
     def main_types(self, limit: int = 2) -> str:
         total = sum(e["params"] for e in self.types.values()) or 1
@@ -58,6 +60,8 @@ class LadderResult:
     inversions: list[str]
     recommendation: str | None
     reasons: list[str]
+    machine: dict
+    fit_ctx: int | None
     notes: list[str]
     seconds: float
     out_dir: str
@@ -111,6 +115,8 @@ def run_ladder(
     chunks: int | None = None,
     threads: int | None = None,
     speed: bool = True,
+    fit_ctx: int | None = None,
+    machine: str = "this",
     step: Step | None = None,
 ) -> LadderResult:
     from .eval import evaluate_many
@@ -164,16 +170,42 @@ def run_ladder(
         for i, r in enumerate(results):
             step(f"speed {r.name}", i / len(results))
             r.speed = probe(r.path, n_prompt=128, n_gen=32, repetitions=2, threads=threads).to_dict()
+    step("fit: memory on this machine", None)
+    machine_info, fit_ctx = _fit_rungs(src, results, fit_ctx, machine, notes)
     inversions = find_inversions(results, source_type if source_was_quantized else None)
-    recommendation, reasons = recommend(results, model_params=_params(src))
+    recommendation, reasons = recommend(results, model_params=_params(src), machine=machine_info, fit_ctx=fit_ctx)
     text_name = str(text) if text else "llmquant built-in evaluation text"
     return LadderResult(
         model=str(src), model_name=model_name, source_type=source_type,
         source_was_quantized=source_was_quantized, base=str(base_path), base_type=ftype_name(base_ftype),
         ctx=ctx, chunks=evals[0].n_chunks if evals else chunks, text=text_name, threads=threads, rungs=results,
         inversions=inversions, recommendation=recommendation, reasons=reasons, notes=notes,
+        machine=machine_info, fit_ctx=fit_ctx,
         seconds=time.perf_counter() - t0, out_dir=str(out),
     )
+
+
+def _fit_rungs(src: Path, rungs: list[RungResult], fit_ctx: int | None, machine: str,
+               notes: list[str]) -> tuple[dict, int | None]:
+    """Attach llmquant fit's memory and speed bound to every rung (context: the model's trained
+    context, at most 8192, unless given)."""
+    from .fit import fit_for
+
+    with GGUFSource(src) as s:
+        trained = s.arch_get("context_length") or 4096
+    n_ctx = fit_ctx or min(int(trained), 8192)
+    try:
+        report = fit_for(str(src), machine=machine, n_ctx=n_ctx).to_dict()
+    except LlmquantError as exc:
+        notes.append(f"fit could not size the rungs: {exc}")
+        return {}, None
+    by_name = {r["ftype"]: r for r in report["rungs"]}
+    for r in rungs:
+        row = by_name.get(r.name)
+        if row:
+            r.fit = {k: row[k] for k in ("total_bytes", "fits", "tight", "headroom_bytes", "tok_s", "max_ctx",
+                                         "placement", "usable_bytes")}
+    return report["machine"], n_ctx
 
 
 def _params(path: Path) -> int:
@@ -209,7 +241,8 @@ def find_inversions(rungs: list[RungResult], source_type: str | None) -> list[st
     return out
 
 
-def recommend(rungs: list[RungResult], model_params: int) -> tuple[str | None, list[str]]:
+def recommend(rungs: list[RungResult], model_params: int, machine: dict | None = None,
+              fit_ctx: int | None = None) -> tuple[str | None, list[str]]:
     """The smallest rung whose quality loss stays within the threshold for this model size
     (the seeds' rule: Q8_0 near-lossless, Q5_K_M/Q4_K_M the sweet spot, Q3 and below noticeable;
     small models lose proportionally more at low bits, so they get a stricter threshold)."""
@@ -219,6 +252,8 @@ def recommend(rungs: list[RungResult], model_params: int) -> tuple[str | None, l
     measured = [r for r in rungs if r.eval.get("ppl_ratio") is not None]
     if not measured:
         return None, ["no rung could be evaluated"]
+    too_big = [r for r in measured if r.fit and not r.fit["fits"]]
+    measured = [r for r in measured if not (r.fit and (not r.fit["fits"] or r.fit["tight"]))] or measured
     good = [r for r in measured if r.eval["ppl_ratio"] - 1 <= limit and r.eval["kld_mean"] <= kld_limit]
     reasons = []
     if not good:
@@ -237,6 +272,15 @@ def recommend(rungs: list[RungResult], model_params: int) -> tuple[str | None, l
         reasons.append(
             f"the next smaller rung, {nxt.name}, loses more: PPL x{nxt.eval['ppl_ratio']:.4f}, KLD {nxt.eval['kld_mean']:.4f}"
         )
+    if pick.fit:
+        name = (machine or {}).get("name", "this machine")
+        reasons.append(
+            f"on {name} it needs {pick.fit['total_bytes'] / 2**20:.0f} MiB with a {fit_ctx}-token context "
+            f"({pick.fit['headroom_bytes'] / 2**30:.1f} GiB to spare); memory bandwidth bounds generation at "
+            f"~{pick.fit['tok_s']:.0f} tok/s"
+        )
+    if too_big:
+        reasons.append("does not fit here: " + ", ".join(r.name for r in too_big))
     if small_model:
         reasons.append(
             f"with {model_params / 1e6:.0f}M parameters this is a small model, which loses proportionally more at "

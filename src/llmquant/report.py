@@ -10,7 +10,7 @@ from rich.table import Table
 from .ladder import LadderResult
 
 COLUMNS = ("rung", "size", "bpw", "PPL", "ΔPPL", "KLD mean", "KLD p99", "same top", "pp t/s", "tg t/s",
-           "peak RSS", "fallback")
+           "peak RSS", "RAM @ctx", "fallback")
 
 
 def _mib(n: float) -> str:
@@ -33,6 +33,7 @@ def rows(result: LadderResult) -> list[list[str]]:
             f"{s['pp_tps']:.0f}" if s else "-",
             f"{s['tg_tps']:.1f}" if s else "-",
             _mib(s["peak_rss"]) if s and s.get("peak_rss") else "-",
+            (_mib(r.fit["total_bytes"]) + ("" if r.fit["fits"] else " (no fit)")) if r.fit else "-",
             f"{100 * r.fallback_share:.0f}%",
         ])
     return out
@@ -44,6 +45,10 @@ def header_lines(result: LadderResult) -> list[str]:
         f"base of comparison: {result.base_type} rendering ({result.base}); text: {result.text}; "
         f"ctx {result.ctx}, {result.chunks} chunks, second half of each chunk scored; {result.threads} threads",
     ]
+    if result.machine:
+        lines.append(f"RAM @ctx = llmquant fit's total for a {result.fit_ctx}-token context on "
+                     f"{result.machine.get('name', 'this machine')} (usable {result.machine.get('usable_bytes', 0) / 2**30:.1f} GiB); "
+                     "peak RSS = measured while benchmarking (short context)")
     return lines
 
 

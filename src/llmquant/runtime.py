@@ -209,7 +209,8 @@ class Model:
             raise ModelFileError(self.path, "no such file")
         from llama_cpp._utils import suppress_stdout_stderr
 
-        # a vocabulary-only load warns about its (absent) training context on stderr whatever the level
+        # a vocabulary-only load warns on stderr, whatever the log level, that it has no training
+        # context — nothing a user can act on (the redirect is process-wide: only for this load)
         quiet = suppress_stdout_stderr(disable=verbose or not vocab_only)
         # embeddings: one mean-pooled vector per input, the whole input in one micro-batch
         pooled: dict[str, Any] = {"pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN, "n_ubatch": n_batch} if embedding else {}

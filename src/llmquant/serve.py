@@ -257,7 +257,7 @@ def create_app(state: ServerState):
         return _model_card(state)
 
     @app.post("/v1/completions", dependencies=guarded)
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         state.check_model(body.model)
         _unsupported(body, echo=body.echo, suffix=body.suffix)
         prompt: Any = body.prompt
@@ -266,10 +266,10 @@ def create_app(state: ServerState):
                 raise APIError(400, "only one prompt per request is supported", param="prompt")
             prompt = prompt[0]  # a string, or a list of token ids
         ids = _prompt_ids(state, prompt)
-        return await _respond(state, body, ids, chat=False)
+        return await _respond(state, body, ids, chat=False, request=request)
 
     @app.post("/v1/chat/completions", dependencies=guarded)
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, request: Request):
         from .chat import ChatTemplateError, validate_messages
 
         state.check_model(body.model)
@@ -289,7 +289,7 @@ def create_app(state: ServerState):
             raise APIError(400, str(exc), param="messages") from None
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
-        return await _respond(state, body, _prompt_ids(state, prompt), chat=True)
+        return await _respond(state, body, _prompt_ids(state, prompt), chat=True, request=request)
 
     @app.post("/v1/embeddings", dependencies=guarded)
     async def embeddings(body: EmbeddingRequest):
@@ -358,7 +358,7 @@ def _sampling(body: _Common) -> Sampling:
     )
 
 
-async def _respond(state: ServerState, body: _Common, ids: list[int], *, chat: bool):
+async def _respond(state: ServerState, body: _Common, ids: list[int], *, chat: bool, request: Request):
     from fastapi.responses import JSONResponse
 
     n_ctx = state.n_ctx
@@ -385,11 +385,19 @@ async def _respond(state: ServerState, body: _Common, ids: list[int], *, chat: b
     fut = _in_thread(loop, lambda: model.generate(ids, max_tokens=max_tokens, sampling=sampling, stop=stop,
                                                   cancel=cancel).consume(),
                      lambda: state.slots.release(model))
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        ts: TextStream = await fut
+        await asyncio.wait({fut, gone}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         cancel.set()
         raise
+    finally:
+        gone.cancel()
+    if not fut.done():  # the client hung up: stop generating for nobody (the thread frees the slot)
+        cancel.set()
+        fut.add_done_callback(lambda f: f.exception())  # retrieve it, so asyncio does not complain
+        return JSONResponse(APIError(499, "client closed the request").body(), status_code=499)
+    ts: TextStream = fut.result()
     choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": ts.stats.finish_reason}
     if chat:
         choice["message"] = {"role": "assistant", "content": ts.text}
@@ -399,6 +407,12 @@ async def _respond(state: ServerState, body: _Common, ids: list[int], *, chat: b
         "id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
         "model": state.model_id, "choices": [choice], "usage": _usage(ts), "timings": _timings(ts),
     })
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _usage(ts: TextStream) -> dict:

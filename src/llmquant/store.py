@@ -311,7 +311,8 @@ def _gguf_in_folder(folder: Path) -> Path:
         return firsts[0]
     if not firsts:
         if (folder / "config.json").is_file():
-            raise StoreError(f"{folder}: a Hugging Face model folder without a GGUF file; convert it to GGUF first")
+            raise StoreError(f"{folder}: a Hugging Face model folder without a GGUF file; convert it first "
+                             f"(llmquant convert {folder}) and pull the GGUF")
         raise StoreError(f"{folder}: holds no .gguf file")
     names = ", ".join(p.name for p in firsts)
     raise StoreError(f"{folder}: holds several GGUF files ({names}); pull one of them by its path")

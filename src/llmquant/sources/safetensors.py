@@ -14,6 +14,7 @@ tensors of each file in name order.
 from __future__ import annotations
 
 import json
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,39 +105,58 @@ def parse_safetensors(path: str | Path) -> list[SafetensorsEntry]:
     return sorted(entries, key=lambda e: e.name)
 
 
+_SLICE_BYTES = 8 << 20  # source bytes mapped in at a time
+
+
 def read_float32(entry: SafetensorsEntry, permute_heads: int | None = None) -> np.ndarray:
     """One tensor as float32 in its stored shape (BF16 widened by a 16-bit shift, exactly).
 
     ``permute_heads=n`` applies llama.cpp's rotary row order for ``n`` heads on the way (see
-    ``hf_source.permute_qk``) so that the float32 copy is the only allocation."""
+    ``hf_source.permute_qk``) so that the float32 copy is the only allocation. The source is
+    memory-mapped and copied a slice at a time; each slice's pages are dropped from the mapping
+    once copied, so they never add up to a second copy of the tensor in this process."""
     if entry.dtype not in FLOAT_DTYPES:
         raise ModelFileError(entry.path, f"tensor {entry.name!r} is {entry.dtype}, not a floating-point type")
-    _, stored = DTYPES[entry.dtype]
-    shape = entry.shape
-    mapped = np.memmap(entry.path, dtype=stored, mode="r", offset=entry.offset, shape=shape if shape else (1,))
+    size, stored = DTYPES[entry.dtype]
+    shape = entry.shape or (1,)
+    out = np.empty(shape, dtype=np.uint32 if entry.dtype == "BF16" else np.float32)
+    if entry.n_bytes == 0:
+        return out.view(np.float32).reshape(entry.shape)
+    # groups of rows that are contiguous in the file and map to contiguous output rows
+    if permute_heads:
+        n_groups = permute_heads
+        dst = out.reshape(permute_heads, shape[0] // permute_heads // 2, 2, *shape[1:])
+    else:
+        n_groups = shape[0] if len(shape) > 1 else 1
+        dst = out.reshape(n_groups, -1)
+    group_bytes = entry.n_bytes // n_groups
+    per_slice = max(1, _SLICE_BYTES // max(group_bytes, 1))
+    start = entry.offset - entry.offset % mmap.ALLOCATIONGRANULARITY
+    with open(entry.path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), entry.offset + entry.n_bytes - start, offset=start, access=mmap.ACCESS_READ)
     try:
-        src = mapped.reshape(shape)
+        src = np.frombuffer(mm, dtype=stored, count=entry.n_elements, offset=entry.offset - start)
         if permute_heads:
-            rows = shape[0]
-            src = src.reshape(permute_heads, 2, rows // permute_heads // 2, *shape[1:]).swapaxes(1, 2)
-        if entry.dtype == "BF16":
-            bits = np.empty(src.shape, dtype=np.uint32)
-            bits[...] = src  # widen (and permute) in one pass
-            bits <<= 16
-            out = bits.view(np.float32)
+            src = src.reshape(permute_heads, 2, shape[0] // permute_heads // 2, *shape[1:])
         else:
-            out = np.empty(src.shape, dtype=np.float32)
-            out[...] = src
-        return out.reshape(shape)
+            src = src.reshape(n_groups, -1)
+        for g in range(0, n_groups, per_slice):
+            part = src[g:g + per_slice]
+            dst[g:g + per_slice] = part.swapaxes(1, 2) if permute_heads else part
+            lo = entry.offset - start + g * group_bytes
+            hi = lo + part.shape[0] * group_bytes
+            page = lo - lo % mmap.PAGESIZE
+            if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+                mm.madvise(mmap.MADV_DONTNEED, page, hi - page)
+        del src, part
     finally:
-        # drop the mapping now: the pages it touched stop counting against this process
-        mm = getattr(mapped, "_mmap", None)
-        del mapped
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                pass
+        try:
+            mm.close()
+        except BufferError:  # a view still alive: the mapping goes with it
+            pass
+    if entry.dtype == "BF16":
+        out <<= 16
+    return out.view(np.float32).reshape(entry.shape)
 
 
 @dataclass(frozen=True)
