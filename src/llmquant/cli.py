@@ -209,7 +209,8 @@ class _TensorProgress:
         self.bar: Progress | None = None
         self.task = None
 
-    def __call__(self, i: int, n: int, plan) -> None:
+    def __call__(self, i: int, n: int, item) -> None:
+        """``item``: a TensorPlan (shown as "name -> TYPE") or a ready label."""
         if self.bar is None:
             self.bar = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -217,7 +218,7 @@ class _TensorProgress:
             )
             self.bar.start()
             self.task = self.bar.add_task(self.title, total=n, tensor="")
-        label = f"{plan.name} -> {plan.type.name}" if i < n else "done"
+        label = "done" if i >= n else item if isinstance(item, str) else f"{item.name} -> {item.type.name}"
         self.bar.update(self.task, total=n, completed=i, tensor=label)
 
     def __enter__(self) -> "_TensorProgress":
@@ -724,9 +725,10 @@ def convert(
         result = convert_model(hf_dir, dst, ftype, **kwargs)
         _print_json(result.to_dict())
         return
-    with _ConvertProgress() as progress:
+    with _TensorProgress("convert") as progress:
         result = convert_model(hf_dir, dst, ftype, progress=progress, **kwargs)
-    types = Table(title=f"{result.hf_architecture} -> {result.architecture}, outtype {result.outtype}")
+    kind = f"outtype {result.outtype}" + (f", quantized to {result.quantized_to}" if result.quantized_to else "")
+    types = Table(title=f"{result.hf_architecture} -> {result.architecture}, {kind}")
     for col in ("type", "tensors", "params", "bytes"):
         types.add_column(col, justify="left" if col == "type" else "right")
     for name, e in sorted(result.type_counts().items(), key=lambda kv: -kv[1]["bytes"]):
@@ -738,29 +740,6 @@ def convert(
               f"{step}, in {result.seconds:.1f} s", highlight=False)
     for note in result.notes:
         out.print(f"[dim]note: {note}[/dim]")
-
-
-class _ConvertProgress:
-    """Per-tensor progress on stderr while the GGUF is written."""
-
-    def __init__(self):
-        self.bar: Progress | None = None
-        self.task = None
-
-    def __call__(self, i: int, n: int, label: str) -> None:
-        if self.bar is None:
-            self.bar = Progress(TextColumn("[bold]convert"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[tensor]}"), TimeElapsedColumn(), console=err, transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task("convert", total=n, tensor="")
-        self.bar.update(self.task, total=n, completed=i, tensor=label)
-
-    def __enter__(self) -> "_ConvertProgress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 # -- fit ----------------------------------------------------------------------------------------------------

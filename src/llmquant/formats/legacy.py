@@ -275,45 +275,43 @@ def _blocks(cls, rows, kernel, *args):
     return out
 
 
-class Q4_0(_Legacy, qtype=GGMLQuantizationType.Q4_0):
-    kind = 0
+class _Symmetric(_Legacy):
     uses_importance = True
+    nmax = 0
 
     @classmethod
     def quantize_rows(cls, rows, importance):
-        return _blocks(cls, rows, _quantize_sym, *_importance_args(importance, rows.shape[1]), 8)
+        return _blocks(cls, rows, _quantize_sym, *_importance_args(importance, rows.shape[1]), cls.nmax)
 
 
-class Q5_0(_Legacy, qtype=GGMLQuantizationType.Q5_0):
-    kind = 2
+class _Asymmetric(_Legacy):
     uses_importance = True
+    nmax = 0
 
     @classmethod
     def quantize_rows(cls, rows, importance):
-        return _blocks(cls, rows, _quantize_sym, *_importance_args(importance, rows.shape[1]), 16)
+        return _blocks(cls, rows, _quantize_asym, *_importance_args(importance, rows.shape[1]), cls.nmax)
 
 
-class Q4_1(_Legacy, qtype=GGMLQuantizationType.Q4_1):
-    kind = 1
-    uses_importance = True
-
-    @classmethod
-    def quantize_rows(cls, rows, importance):
-        return _blocks(cls, rows, _quantize_asym, *_importance_args(importance, rows.shape[1]), 15)
+class Q4_0(_Symmetric, qtype=GGMLQuantizationType.Q4_0):
+    kind, nmax = 0, 8
 
 
-class Q5_1(_Legacy, qtype=GGMLQuantizationType.Q5_1):
-    kind = 3
-    uses_importance = True
+class Q5_0(_Symmetric, qtype=GGMLQuantizationType.Q5_0):
+    kind, nmax = 2, 16
 
-    @classmethod
-    def quantize_rows(cls, rows, importance):
-        return _blocks(cls, rows, _quantize_asym, *_importance_args(importance, rows.shape[1]), 31)
+
+class Q4_1(_Asymmetric, qtype=GGMLQuantizationType.Q4_1):
+    kind, nmax = 1, 15
+
+
+class Q5_1(_Asymmetric, qtype=GGMLQuantizationType.Q5_1):
+    kind, nmax = 3, 31
 
 
 class Q8_0(_Legacy, qtype=GGMLQuantizationType.Q8_0):
-    kind = 4
-    # quantize_q8_0 ignores quant_weights
+    kind = 4  # quantize_q8_0 ignores quant_weights
+
     @classmethod
     def quantize_rows(cls, rows, importance):
         return _blocks(cls, rows, _quantize_q8_0)
