@@ -11,7 +11,7 @@ llmquant tokens/s ÷ llama-perplexity tokens/s over the evaluation loops (goal >
 llama-perplexity's time is its "total time" line (context creation to the end, model loading
 excluded); llmquant's is the base's and the models' decoding + statistics.
 
-    python bench/eval_parity.py [--types Q8_0,Q4_0] [--ctx 512] [--chunks N] [--threads 2] [--text FILE]
+    python bench/eval_parity.py [--types Q8_0,Q4_0] [--ctx 512] [--chunks N] [--threads 2] [--text FILE] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -39,18 +38,18 @@ print(json.dumps([r.to_dict() for r in res]))
 
 # llama-perplexity's final statistics lines -> our EvalResult keys
 PATTERNS = {
-    "ppl": r"Mean PPL\(Q\)\s*:\s*([-\d.]+) ± ([-\d.]+)",
-    "base_ppl": r"Mean PPL\(base\)\s*:\s*([-\d.]+) ± ([-\d.]+)",
-    "ln_ppl_ratio": r"Mean ln\(PPL\(Q\)/PPL\(base\)\)\s*:\s*([-\d.]+) ± ([-\d.]+)",
-    "ppl_ratio": r"Mean PPL\(Q\)/PPL\(base\)\s*:\s*([-\d.]+) ± ([-\d.]+)",
-    "delta_ppl": r"Mean PPL\(Q\)-PPL\(base\)\s*:\s*([-\d.]+) ± ([-\d.]+)",
-    "kld_mean": r"Mean    KLD:\s*([-\d.]+) ± ([-\d.]+)",
+    "ppl": r"Mean PPL\(Q\)\s*:\s*([-\d.]+)\s*±\s*([-\d.]+)",
+    "base_ppl": r"Mean PPL\(base\)\s*:\s*([-\d.]+)\s*±\s*([-\d.]+)",
+    "ln_ppl_ratio": r"Mean ln\(PPL\(Q\)/PPL\(base\)\)\s*:\s*([-\d.]+)\s*±\s*([-\d.]+)",
+    "ppl_ratio": r"Mean PPL\(Q\)/PPL\(base\)\s*:\s*([-\d.]+)\s*±\s*([-\d.]+)",
+    "delta_ppl": r"Mean PPL\(Q\)-PPL\(base\)\s*:\s*([-\d.]+)\s*±\s*([-\d.]+)",
+    "kld_mean": r"Mean    KLD:\s*([-\d.]+)\s*±\s*([-\d.]+)",
     "kld_max": r"Maximum KLD:\s*([-\d.]+)",
     "kld_p99": r"99\.0%   KLD:\s*([-\d.]+)",
     "kld_p90": r"90\.0%   KLD:\s*([-\d.]+)",
     "kld_median": r"Median  KLD:\s*([-\d.]+)",
-    "rms_dp": r"RMS Δp    :\s*([-\d.]+) ± ([-\d.]+) %",
-    "top1": r"Same top p:\s*([-\d.]+) ± ([-\d.]+) %",
+    "rms_dp": r"RMS Δp    :\s*([-\d.]+)\s*±\s*([-\d.]+) %",
+    "top1": r"Same top p:\s*([-\d.]+)\s*±\s*([-\d.]+) %",
 }
 TOTAL_TIME = r"llama_perf_context_print:\s+total time =\s*([\d.]+) ms"
 SHOWN = ["ppl", "base_ppl", "ppl_ratio", "delta_ppl", "kld_mean", "kld_median", "kld_p90", "kld_p99", "kld_max",
@@ -59,12 +58,14 @@ GOALS = {"ppl", "kld_mean", "top1"}
 
 
 def run_llama(exe: Path, args: list[str]) -> tuple[str, float]:
-    proc = subprocess.run([str(exe), *args], capture_output=True, text=True)
-    log = proc.stdout + proc.stderr
+    """The tool's log and its "total time" in seconds (printed only with --perf -v)."""
+    proc = subprocess.run([str(exe), *args, "--perf", "-v"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
     if proc.returncode != 0:
-        raise SystemExit(f"llama-perplexity failed ({proc.returncode}):\n{log[-3000:]}")
-    m = re.search(TOTAL_TIME, log)
-    return log, float(m.group(1)) / 1000 if m else float("nan")
+        raise SystemExit(f"llama-perplexity failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+    m = re.search(TOTAL_TIME, proc.stdout)
+    if not m:
+        raise SystemExit("llama-perplexity printed no 'total time' line")
+    return proc.stdout, float(m.group(1)) / 1000
 
 
 def parse(log: str) -> dict[str, float]:
@@ -82,7 +83,7 @@ def run_llmquant(base: Path, models: list[Path], text: Path, ctx: int, chunks: i
                  compat: bool) -> list[dict]:
     proc = subprocess.run([sys.executable, "-c", CHILD, str(base), str(text), str(ctx),
                            str(chunks) if chunks else "-", str(threads), "1" if compat else "0",
-                           *map(str, models)], capture_output=True, text=True)
+                           *map(str, models)], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"llmquant eval failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -117,7 +118,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--text", default=None, help="text file (default: llmquant's built-in text)")
+    ap.add_argument("--text", default=None, help="text file or folder (default: llmquant's built-in text)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each tool; throughput is the best run")
     args = ap.parse_args()
 
     from llmquant.eval import DEFAULT_TEXT, load_text
@@ -132,44 +134,44 @@ def main() -> None:
             text.write_text(content + "\n", encoding="utf-8")
         common = ["-c", str(args.ctx), "-t", str(args.threads)] + (["--chunks", str(args.chunks)] if args.chunks else [])
         kld_file = Path(tmp) / "base.kld"
-        t0 = time.perf_counter()
-        log, base_time = run_llama(exe, ["-m", str(base), "-f", str(text), "--kl-divergence-base", str(kld_file), *common])
-        llama_wall = time.perf_counter() - t0
-        fa = re.search(r"flash_attn\s*=\s*(\S+(?: -> \S+)?)", log)
-        llama_time = base_time
-        theirs = []
-        for m in models:
-            t0 = time.perf_counter()
-            log, seconds = run_llama(exe, ["-m", str(m), "--kl-divergence-base", str(kld_file), "--kl-divergence", *common])
-            llama_wall += time.perf_counter() - t0
-            llama_time += seconds
-            theirs.append(parse(log))
-        t0 = time.perf_counter()
-        ours = run_llmquant(base, models, text, args.ctx, args.chunks, args.threads, compat=False)
-        ours_wall = time.perf_counter() - t0
+        llama_times, ours_times, theirs, ours, fa = [], [], [], [], ""
+        for _ in range(args.repeat):  # interleaved, so that load from other processes hits both alike
+            log, seconds = run_llama(exe, ["-m", str(base), "-f", str(text), "--kl-divergence-base", str(kld_file), *common])
+            fa = fa or ("auto -> on" if "FLASH_ATTN_EXT" in log else "off")
+            stats = []
+            for m in models:
+                log, t = run_llama(exe, ["-m", str(m), "--kl-divergence-base", str(kld_file), "--kl-divergence", *common])
+                seconds += t
+                stats.append(parse(log))
+            theirs = theirs or stats
+            llama_times.append(seconds)
+            res = run_llmquant(base, models, text, args.ctx, args.chunks, args.threads, compat=False)
+            ours = ours or res
+            ours_times.append(res[0]["base_seconds"] + sum(r["seconds"] for r in res))
         compat = run_llmquant(base, models, text, args.ctx, args.chunks, args.threads, compat=True)
 
     n_chunks = ours[0]["n_chunks"]
     print(f"llama-perplexity: {exe}")
-    print(f"base {base.name}; text {text if args.text else 'llmquant built-in'}; ctx {args.ctx}, {n_chunks} chunks, "
+    print(f"base {base.name}; text {args.text or 'llmquant built-in'}; ctx {args.ctx}, {n_chunks} chunks, "
           f"{ours[0]['n_tokens_scored']} tokens scored per model; {args.threads} threads; "
-          f"llama-perplexity flash_attn = {fa.group(1) if fa else '?'}, llmquant flash_attn = on\n")
+          f"flash attention: llama-perplexity {fa}, llmquant on\n")
     for m, t, e, c in zip(models, theirs, ours, compat):
         print(f"{m.name}")
         print(f"  {'statistic':12} {'llama-perplexity':>17} {'llmquant':>12} {'diff':>9}   {'llmquant compat':>15} {'diff':>9}")
         for key in SHOWN:
             if key not in t:
+                print(f"  {key:12} {'(not printed)':>17}")
                 continue
-            flag = "  <- goal 1%" if key in GOALS and abs(e[key] - t[key]) > 0.01 * abs(t[key]) else ""
+            flag = "  <- over the 1% goal" if key in GOALS and abs(e[key] - t[key]) > 0.01 * abs(t[key]) else ""
             print(f"  {key:12} {t[key]:17.6f} {e[key]:12.6f} {rel(e[key], t[key])}   {c[key]:15.6f} {rel(c[key], t[key])}{flag}")
         print()
-    ours_time = ours[0]["base_seconds"] + sum(r["seconds"] for r in ours)
     tokens = n_chunks * args.ctx * (1 + len(models))
-    print(f"eval throughput (base + {len(models)} models, {tokens} tokens decoded):")
-    print(f"  llama-perplexity {llama_time:7.2f} s  {tokens / llama_time:7.1f} tokens/s  (sum of 'total time'; "
-          f"{llama_wall:.2f} s wall for {1 + len(models)} processes)")
-    print(f"  llmquant         {ours_time:7.2f} s  {tokens / ours_time:7.1f} tokens/s  (decode + statistics; "
-          f"{ours_wall:.2f} s wall for 1 process)")
+    llama_time, ours_time = min(llama_times), min(ours_times)
+    print(f"eval throughput (base + {len(models)} models, {tokens} tokens decoded; best of {args.repeat}):")
+    print(f"  llama-perplexity {llama_time:7.2f} s  {tokens / llama_time:7.1f} tokens/s  (sum of its 'total time' lines; "
+          f"runs: {', '.join(f'{t:.1f}' for t in llama_times)} s)")
+    print(f"  llmquant         {ours_time:7.2f} s  {tokens / ours_time:7.1f} tokens/s  (decoding + statistics; "
+          f"runs: {', '.join(f'{t:.1f}' for t in ours_times)} s)")
     print(f"  ratio llmquant/llama-perplexity tokens/s: {llama_time / ours_time:.3f}  (goal >= 0.95)")
 
 

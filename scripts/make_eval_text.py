@@ -40,7 +40,7 @@ def prose_paragraphs(text: str) -> list[str]:
 
 
 def main() -> None:
-    import pydoc_data.topics as topics
+    from pydoc_data import topics
 
     from llmquant.models import default_model_path
     from llmquant.runtime import Model

@@ -30,10 +30,10 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -146,7 +146,7 @@ class BaseProbs:
 
     @classmethod
     def from_logits(cls, logits: np.ndarray, targets: np.ndarray, *, llama_compat: bool = False,
-                    threads: int = 1) -> "BaseProbs":
+                    threads: int = 1) -> BaseProbs:
         logits, targets = _check(logits, targets)
         n, n_vocab = logits.shape
         probs = np.empty((n, n_vocab))
@@ -432,9 +432,7 @@ def load_text(text: str | Path | None = None) -> tuple[str, str]:
         raise EvalTextError(path, "no such file or folder")
     if not content.strip():
         raise EvalTextError(path, "the text is empty")
-    if content.endswith("\n"):
-        content = content[:-1]
-    return content, name
+    return content.removesuffix("\n"), name
 
 
 def _read_text_file(path: Path) -> str:
@@ -564,10 +562,9 @@ def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks:
     for path, s, sec in zip(paths, stats, seconds):
         summary = s.summary()
         notes = []
-        if base is not None:
-            if base_quantized:
-                notes.append(f"the base {base_path.name} is itself quantized ({base_type}): KLD and ΔPPL "
-                             "measure the distance to it, not to the original weights")
+        if base_quantized:
+            notes.append(f"the base {base_path.name} is itself quantized ({base_type}): KLD and ΔPPL "
+                         "measure the distance to it, not to the original weights")
         results.append(EvalResult(
             model=str(path), base=str(base_path) if base_path is not None else None, text=text_name,
             n_ctx=ctx, n_chunks=n_chunk, n_tokens_scored=s.count, **summary,
@@ -577,15 +574,3 @@ def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks:
         ))
     return results
 
-
-def describe(results: Iterable[EvalResult]) -> list[str]:
-    """One line per result, in llama-perplexity's terms (for logs and the bench)."""
-    lines = []
-    for r in results:
-        line = f"{Path(r.model).name}: PPL {r.ppl:.4f} ± {r.ppl_err:.4f}"
-        if r.kld_mean is not None:
-            line += (f", base {r.base_ppl:.4f}, ratio {r.ppl_ratio:.4f} ± {r.ppl_ratio_err:.4f}, "
-                     f"KLD {r.kld_mean:.6f} ± {r.kld_err:.6f}, same top {r.top1:.2f} ± {r.top1_err:.2f} %, "
-                     f"RMS Δp {r.rms_dp:.3f} %")
-        lines.append(line)
-    return lines

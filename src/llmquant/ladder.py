@@ -189,13 +189,15 @@ def _fit_rungs(src: Path, rungs: list[RungResult], fit_ctx: int | None, machine:
                notes: list[str]) -> tuple[dict, int | None]:
     """Attach llmquant fit's memory and speed bound to every rung (context: the model's trained
     context, at most 8192, unless given)."""
-    from .fit import fit_for
+    from .fit import fit, resolve_machine
+    from .fitmodels import load_spec
 
     with GGUFSource(src) as s:
         trained = s.arch_get("context_length") or 4096
     n_ctx = fit_ctx or min(int(trained), 8192)
     try:
-        report = fit_for(str(src), machine=machine, n_ctx=n_ctx).to_dict()
+        report = fit(load_spec(str(src)), resolve_machine(machine, None, None), n_ctx=n_ctx,
+                     ladder=[r.name for r in rungs]).to_dict()
     except LlmquantError as exc:
         notes.append(f"fit could not size the rungs: {exc}")
         return {}, None
@@ -273,7 +275,8 @@ def recommend(rungs: list[RungResult], model_params: int, machine: dict | None =
             f"the next smaller rung, {nxt.name}, loses more: PPL x{nxt.eval['ppl_ratio']:.4f}, KLD {nxt.eval['kld_mean']:.4f}"
         )
     if pick.fit:
-        name = (machine or {}).get("name", "this machine")
+        name = (machine or {}).get("name") or "this machine"
+        name = "this machine" if name == "this" else name
         reasons.append(
             f"on {name} it needs {pick.fit['total_bytes'] / 2**20:.0f} MiB with a {fit_ctx}-token context "
             f"({pick.fit['headroom_bytes'] / 2**30:.1f} GiB to spare); memory bandwidth bounds generation at "
