@@ -336,12 +336,12 @@ def eval_(
 
     path = resolve_model(model)
     base_path = resolve_model(base) if base is not None else None
-    bar = Progress(TextColumn("[bold]evaluate"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
-                   TimeElapsedColumn(), console=err, transient=True, disable=as_json)
-    with bar:
-        task = bar.add_task("eval", total=None)
-        result = evaluate(path, base_path, text=text, ctx=ctx, chunks=chunks, threads=threads or None,
-                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+    opts = dict(text=text, ctx=ctx, chunks=chunks, threads=threads or None)
+    if as_json:
+        result = evaluate(path, base_path, **opts)
+    else:
+        with _TensorProgress("evaluate") as bar:
+            result = evaluate(path, base_path, **opts, progress=lambda done, n: bar(done, n, f"chunk {done} of {n}"))
     if as_json:
         _print_json(result.to_dict())
         return

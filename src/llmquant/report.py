@@ -46,8 +46,9 @@ def header_lines(result: LadderResult) -> list[str]:
         f"ctx {result.ctx}, {result.chunks} chunks, second half of each chunk scored; {result.threads} threads",
     ]
     if result.machine:
+        name = result.machine.get("name") or "this machine"
         lines.append(f"RAM @ctx = llmquant fit's total for a {result.fit_ctx}-token context on "
-                     f"{result.machine.get('name', 'this machine')} (usable {result.machine.get('usable_bytes', 0) / 2**30:.1f} GiB); "
+                     f"{'this machine' if name == 'this' else name} (usable {result.machine.get('usable_bytes', 0) / 2**30:.1f} GiB); "
                      "peak RSS = measured while benchmarking (short context)")
     return lines
 
@@ -104,8 +105,11 @@ def plot(result: LadderResult, path: Path) -> None:
         order = sorted(range(len(xs)), key=lambda i: xs[i])
         ax.plot([xs[i] for i in order], [ys[i] for i in order], color="tab:gray", alpha=0.4, zorder=2)
         ax.scatter(xs, ys, c=colors, s=40, zorder=3)
-        for x, y, p in zip(xs, ys, pts):
-            ax.annotate(p[3], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
+        for rank, i in enumerate(order):  # alternate label sides so neighbours do not overlap
+            right = rank % 2 == 0
+            ax.annotate(pts[i][3], (xs[i], ys[i]), textcoords="offset points", fontsize=9,
+                        xytext=(7, 4) if right else (-7, -4), ha="left" if right else "right",
+                        va="bottom" if right else "top")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
