@@ -108,13 +108,9 @@ class ConvertResult:
         """Tensors, bytes and parameters per ggml type of the written file."""
         if self.quantized_types is not None:
             return self.quantized_types
-        out: dict[str, dict[str, int]] = {}
-        for p in self.plans:
-            e = out.setdefault(p.type.name, {"tensors": 0, "bytes": 0, "params": 0})
-            e["tensors"] += 1
-            e["bytes"] += tensor_nbytes(p.shape, p.type)
-            e["params"] += int(np.prod(p.shape))
-        return out
+        from .quantize import plan_type_counts
+
+        return plan_type_counts(self.plans)
 
     def to_dict(self) -> dict:
         return {

@@ -31,6 +31,17 @@ QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 ProgressFn = Callable[[int, int, TensorPlan], None]
 
 
+def plan_type_counts(plans: list[TensorPlan]) -> dict[str, dict[str, int]]:
+    """Tensors, bytes and parameters per ggml type of a plan."""
+    out: dict[str, dict[str, int]] = {}
+    for p in plans:
+        entry = out.setdefault(p.type.name, {"tensors": 0, "bytes": 0, "params": 0})
+        entry["tensors"] += 1
+        entry["bytes"] += tensor_nbytes(p.shape, p.type)
+        entry["params"] += int(np.prod(p.shape))
+    return out
+
+
 @dataclass
 class QuantizeResult:
     source: str
@@ -55,13 +66,7 @@ class QuantizeResult:
         return [p for p in self.plans if p.fell_back]
 
     def type_counts(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        for p in self.plans:
-            entry = out.setdefault(p.type.name, {"tensors": 0, "bytes": 0, "params": 0})
-            entry["tensors"] += 1
-            entry["bytes"] += tensor_nbytes(p.shape, p.type)
-            entry["params"] += int(np.prod(p.shape))
-        return out
+        return plan_type_counts(self.plans)
 
     def to_dict(self) -> dict:
         return {

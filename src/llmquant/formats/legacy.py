@@ -52,6 +52,25 @@ def _sigma2(x):
     return s / np.float32(x.shape[0])
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _store_quants(y, o, q, five_bit):
+    """Pack 32 quants at y[o:]: 5-bit types write qh (bit j = bit 4 of q[j]) then masked nibbles;
+    4-bit types store ``q[j] | q[j+16] << 4`` unmasked, exactly as the C code does."""
+    if five_bit:
+        qh = 0
+        for j in range(16):
+            qh |= ((q[j] & 0x10) >> 4) << j
+            qh |= ((q[j + 16] & 0x10) >> 4) << (j + 16)
+        for b in range(4):
+            y[o + b] = (qh >> (8 * b)) & 0xFF
+        o += 4
+        for j in range(16):
+            y[o + j] = (q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4)
+    else:
+        for j in range(16):
+            y[o + j] = (q[j] | (q[j + 16] << 4)) & 0xFF
+
+
 # ---- symmetric types: Q4_0 (nmax 8), Q5_0 (nmax 16) -------------------------------------------
 
 @njit(nogil=True, cache=True)
@@ -96,20 +115,7 @@ def _quantize_sym(rows, qw, use_qw, nmax, out):
                     q[j] = min(qmax, _as_i8(_cvtt_i32(x[base + j] * iD + half))) & 0xFF
             o = ib * type_size
             K.store_fp16(y, o, K.fp32_to_fp16(d))
-            o += 2
-            if five_bit:
-                qh = 0
-                for j in range(16):
-                    qh |= ((q[j] & 0x10) >> 4) << j
-                    qh |= ((q[j + 16] & 0x10) >> 4) << (j + 16)
-                for b in range(4):
-                    y[o + b] = (qh >> (8 * b)) & 0xFF
-                o += 4
-                for j in range(16):
-                    y[o + j] = (q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4)
-            else:
-                for j in range(16):  # qs[j] = xi0; qs[j] |= xi1 << 4 (no mask: as in C)
-                    y[o + j] = (q[j] | (q[j + 16] << 4)) & 0xFF
+            _store_quants(y, o + 2, q, five_bit)
 
 
 # ---- asymmetric types: Q4_1 (nmax 15), Q5_1 (nmax 31) ------------------------------------------
@@ -164,20 +170,7 @@ def _quantize_asym(rows, qw, use_qw, nmax, out):
             o = ib * type_size
             K.store_fp16(y, o, K.fp32_to_fp16(d))
             K.store_fp16(y, o + 2, K.fp32_to_fp16(m))
-            o += 4
-            if five_bit:
-                qh = 0
-                for j in range(16):
-                    qh |= ((q[j] & 0x10) >> 4) << j
-                    qh |= ((q[j + 16] & 0x10) >> 4) << (j + 16)
-                for b in range(4):
-                    y[o + b] = (qh >> (8 * b)) & 0xFF
-                o += 4
-                for j in range(16):
-                    y[o + j] = (q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4)
-            else:
-                for j in range(16):
-                    y[o + j] = (q[j] | (q[j + 16] << 4)) & 0xFF
+            _store_quants(y, o + 4, q, five_bit)
 
 
 # ---- Q8_0 ----------------------------------------------------------------------------------------
@@ -221,7 +214,7 @@ def _dequantize(blocks, kind, out):
     for ib in range(nb):
         b = blocks[ib].astype(np.int64)
         d = K.fp16_to_fp32(b[0] | (b[1] << 8))
-        y = out[ib * QK:(ib + 1) * QK]  # noqa: one view per block is cheap next to 32 values
+        y = out[ib * QK:(ib + 1) * QK]  # one view per block: cheap next to its 32 values
         if kind == 4:
             for j in range(QK):
                 y[j] = np.float32(_as_i8(b[2 + j])) * d
