@@ -156,3 +156,11 @@ def test_sigterm_cleans_up(tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode != 0
     assert list(out.iterdir()) == [], "SIGTERM must remove the partial file"
+
+
+def test_imatrix_required_is_refused_and_warned_in_dry_run(tmp_path):
+    dst = tmp_path / "q2ks.gguf"
+    assert_clean_error(run("quantize", "--type", "Q2_K_S", dst), "Q2_K_S needs an importance matrix", "--imatrix")
+    assert not dst.exists()
+    plan = json.loads(run("quantize", "--type", "Q2_K_S", "--dry-run", "--json").stdout)
+    assert any("importance matrix" in n for n in plan["notes"])

@@ -22,7 +22,9 @@ from .errors import LlmquantError, RequantizeError, TensorDataError
 from .formats import get_format
 from .imatrix import importance_for_plans
 from .models import is_default_model
-from .recipes import RecipeOptions, TensorPlan, ftype_name, hparams_from_fields, plan_model
+from .recipes import (
+    RecipeOptions, TensorPlan, ftype_name, hparams_from_fields, plan_model, tensors_requiring_imatrix,
+)
 from .sources import GGUFSource
 from .writer import AtomicGGUFWriter, check_destination, tensor_nbytes
 
@@ -152,6 +154,12 @@ def quantize_model(
             importance_tensors=list(weights),
         )
         if dry_run:
+            need = [] if options.has_imatrix else tensors_requiring_imatrix(plans, ftype)
+            if need:
+                notes.append(
+                    f"{len(need)} tensors would need an importance matrix (e.g. {need[0].name} as {need[0].type.name}): "
+                    "without --imatrix this quantization is refused, as llama.cpp refuses it"
+                )
             with _prepare_writer(src, Path("dry-run.gguf"), ftype, plans, importance, force=True, options=options, metadata=metadata) as writer:
                 result.file_bytes = writer.planned_file_size()
             result.seconds = time.perf_counter() - t0
