@@ -32,10 +32,7 @@ K_TYPES = [GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K, GGMLQuantizatio
 IMPORTANCE_KINDS = [None, "uniform", "sparse_zeros", "activations", "heavy_tail"]
 QUICK_IMPORTANCE_KINDS = [None, "sparse_zeros", "activations"]  # the rest run in the slow sweep
 
-try:
-    reference.ggml()
-except reference.ReferenceUnavailable as exc:  # pragma: no cover
-    pytest.skip(f"libggml not available: {exc}", allow_module_level=True)
+reference.ggml()  # the oracle is a core dependency: if it cannot load, fail loudly rather than skip
 
 
 # -- data -------------------------------------------------------------------------------------

