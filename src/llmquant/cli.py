@@ -19,6 +19,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import LlmquantError
+from .machines import default_threads
 
 app = typer.Typer(
     name="llmquant",
@@ -36,12 +37,6 @@ ThreadsOpt = Annotated[int, typer.Option("--threads", "-t", min=0, help="Worker 
 ModelArg = Annotated[
     Optional[str], typer.Argument(help="A GGUF file or a stored model's NAME[:TAG]; default: the embedded SmolLM2-135M-Instruct.", show_default=False)
 ]
-
-
-def _default_threads() -> int:
-    import os
-
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def _human_bytes(n: float) -> str:
@@ -175,7 +170,7 @@ def quantize(
         token_embedding_type=parse_ggml_type(token_embedding_type) if token_embedding_type else None,
         tensor_types=tuple(parse_tensor_type(spec) for spec in tensor_type),
     )
-    n_threads = threads or _default_threads()
+    n_threads = default_threads(threads)
     imat = load_imatrix(imatrix) if imatrix else None
     weighting = {"importance": imat.entries, "metadata": imat.provenance(imatrix)} if imat else {}
     if dry_run or as_json:
@@ -720,7 +715,7 @@ def convert(
 
     ftype = parse_outtype(outtype)
     target = parse_ftype(quantize_to) if quantize_to else None
-    kwargs = dict(quantize=target, threads=threads or _default_threads(), force=force, allow_pickle=allow_pickle)
+    kwargs = dict(quantize=target, threads=default_threads(threads), force=force, allow_pickle=allow_pickle)
     if as_json:
         result = convert_model(hf_dir, dst, ftype, **kwargs)
         _print_json(result.to_dict())

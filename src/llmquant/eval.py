@@ -498,12 +498,13 @@ def _check_file(path: Path, ctx: int) -> tuple[str | None, bool]:
 
 def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks: int | None,
               threads: int | None, progress, llama_compat: bool) -> list[EvalResult]:
-    from .runtime import Model, _threads
+    from .machines import default_threads
+    from .runtime import Model
 
     t_start = time.perf_counter()
     check_ctx(ctx)
     content, text_name = load_text(text)
-    n_threads = _threads(threads)
+    n_threads = default_threads(threads)
     with contextlib.ExitStack() as stack:
         def load(path: Path) -> Model:
             return stack.enter_context(Model(path, n_ctx=ctx, n_batch=ctx, threads=n_threads, flash_attn=FLASH_ATTN))

@@ -13,6 +13,7 @@ from typing import Callable
 from gguf import LlamaFileType
 
 from .errors import LlmquantError
+from .machines import default_threads
 from .models import resolve_model
 from .quantize import QuantizeResult, output_is_current, quantize_model
 from .recipes import RecipeOptions, ftype_name, parse_ftype
@@ -70,12 +71,6 @@ class LadderResult:
         return asdict(self)
 
 
-def _threads(threads: int | None) -> int:
-    if threads:
-        return threads
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _quantize(src: Path, dst: Path, ftype: LlamaFileType, threads: int) -> tuple[QuantizeResult, bool]:
     options = RecipeOptions(allow_requantize=True)
     if dst.exists() and output_is_current(dst, src, ftype, options):
@@ -123,7 +118,7 @@ def run_ladder(
 
     t0 = time.perf_counter()
     step = step or (lambda desc, frac: None)
-    threads = _threads(threads)
+    threads = default_threads(threads)
     src = resolve_model(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

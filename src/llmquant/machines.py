@@ -204,6 +204,13 @@ def cpu_isa() -> str:
     return "none"
 
 
+def default_threads(threads: int | None = None) -> int:
+    """``threads`` when given, else the CPUs this process may run on (its affinity mask)."""
+    if threads:
+        return threads
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
 def measure_bandwidth(seconds: float = 0.5, size: int = 256 << 20, threads: int | None = None) -> float:
     """Read bandwidth in GB/s: threads summing disjoint slices of a buffer larger than any cache (numpy
     releases the GIL in reductions), best of a few passes. Token generation reads weights the same way."""
@@ -211,7 +218,7 @@ def measure_bandwidth(seconds: float = 0.5, size: int = 256 << 20, threads: int 
 
     import numpy as np
 
-    n_threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    n_threads = default_threads(threads)
     buf = np.ones(size // 8, dtype=np.float64)
     parts = np.array_split(buf, n_threads)
     best = 0.0
@@ -233,6 +240,6 @@ def this_machine(*, bandwidth: float | None = None) -> Machine:
     ram = info.get("MemTotal") or (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     avail = info.get("MemAvailable", ram)
     bw = bandwidth if bandwidth is not None else measure_bandwidth()
-    n_cpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n_cpu = default_threads()
     return Machine("this", f"this machine ({n_cpu} CPUs, {ram / GiB:.1f} GiB RAM, {bw:.1f} GB/s measured)", "cpu",
                    int(ram), round(bw, 2), isa=cpu_isa(), available=int(avail), measured=True)

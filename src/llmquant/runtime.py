@@ -6,7 +6,6 @@ token batch (for eval). llama.cpp's own log output is silenced unless ``verbose`
 
 from __future__ import annotations
 
-import os
 import codecs
 import random
 import threading
@@ -18,12 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .errors import ModelFileError
-
-
-def _threads(n: int | None) -> int:
-    if n:
-        return n
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+from .machines import default_threads
 
 
 @dataclass
@@ -217,8 +211,8 @@ class Model:
         try:
             with quiet:
                 self._llm = Llama(
-                    model_path=str(self.path), n_ctx=n_ctx, n_threads=_threads(threads),
-                    n_threads_batch=_threads(threads), n_batch=n_batch, logits_all=logits_all,
+                    model_path=str(self.path), n_ctx=n_ctx, n_threads=default_threads(threads),
+                    n_threads_batch=default_threads(threads), n_batch=n_batch, logits_all=logits_all,
                     use_mmap=use_mmap, embedding=embedding, seed=seed, verbose=verbose,
                     flash_attn=flash_attn, vocab_only=vocab_only, **kv, **pooled,
                 )

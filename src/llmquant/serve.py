@@ -187,10 +187,9 @@ class ServerState:
 
 def load_state(path: Path, model_id: str, *, n_ctx: int, parallel: int, threads: int | None,
                api_key: str | None, aliases: set[str] | None = None) -> ServerState:
-    import os
+    from .machines import default_threads
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_slot = threads or max(1, cores // parallel)
+    per_slot = threads or max(1, default_threads() // parallel)
     models = [Model(path, n_ctx=n_ctx, threads=per_slot, n_batch=min(512, n_ctx)) for _ in range(parallel)]
     vocab = Model(path, vocab_only=True)
     names = {model_id, path.name, path.stem, str(path)} | (aliases or set())
