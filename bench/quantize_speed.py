@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _measure import peak_rss_of  # noqa: E402
+from _measure import measure  # noqa: E402
 
 from llmquant.models import default_model_path  # noqa: E402
 from llmquant.sources import GGUFSource  # noqa: E402
@@ -36,8 +36,8 @@ def main() -> None:
             ftype = "ALL_F32" if name == "F32" else f"MOSTLY_{name}"
             ours, theirs = [], []
             for _ in range(args.repeat):
-                ours.append(peak_rss_of("llmquant", args.model, f"{tmp}/ours.gguf", ftype, args.threads))
-                theirs.append(peak_rss_of("llama.cpp", args.model, f"{tmp}/theirs.gguf", ftype, args.threads))
+                ours.append(measure("llmquant", args.model, f"{tmp}/ours.gguf", ftype, args.threads))
+                theirs.append(measure("llama.cpp", args.model, f"{tmp}/theirs.gguf", ftype, args.threads))
             t_ours = min(r["seconds"] for r in ours)
             t_theirs = min(r["seconds"] for r in theirs)
             rss_ours = statistics.median(r["peak_rss"] for r in ours)
