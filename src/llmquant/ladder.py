@@ -4,6 +4,7 @@ eval.py, bench.py and fit.py do the work; report.py renders the result."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -80,7 +81,7 @@ def _quantize(src: Path, dst: Path, ftype: LlamaFileType, threads: int) -> tuple
 
 def _rung(name: str, path: Path, q: QuantizeResult, reused: bool) -> RungResult:
     quantized = [p for p in q.plans if p.quantizable]
-    total = sum(_n(p.shape) for p in quantized) or 1
+    total = sum(math.prod(p.shape) for p in quantized) or 1
     fallbacks: dict[str, int] = {}
     for p in q.fallbacks:
         key = f"{p.target.name} -> {p.type.name}"
@@ -88,16 +89,9 @@ def _rung(name: str, path: Path, q: QuantizeResult, reused: bool) -> RungResult:
     return RungResult(
         name=name, path=str(path), reused=reused, file_bytes=path.stat().st_size,
         bits_per_weight=q.bits_per_weight, quantize_seconds=0.0 if reused else q.seconds,
-        types=q.type_counts(), fallback_share=sum(_n(p.shape) for p in q.fallbacks) / total,
+        types=q.type_counts(), fallback_share=sum(math.prod(p.shape) for p in q.fallbacks) / total,
         fallbacks=fallbacks,
     )
-
-
-def _n(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def run_ladder(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Mapping
@@ -135,7 +135,7 @@ def quantize_model(
     notes: list[str] = []
     with GGUFSource(src_path) as src:
         if is_default_model(src.path) and not options.allow_requantize:
-            options = _replace(options, allow_requantize=True)
+            options = replace(options, allow_requantize=True)
         if src.is_quantized:
             kind = src.file_type.name.removeprefix("MOSTLY_") if src.file_type else "mixed types"
             notes.append(
@@ -143,7 +143,7 @@ def quantize_model(
                 "losses measured against that source are optimistic"
             )
         if importance:  # llama.cpp: has_imatrix only when some entry was loaded
-            options = _replace(options, has_imatrix=True)
+            options = replace(options, has_imatrix=True)
         plans = plan_source(src, ftype, options, dry_run=dry_run)
         weights = importance_for_plans(plans, importance, ftype)
         output_bytes = sum(tensor_nbytes(p.shape, p.type) for p in plans)
@@ -222,11 +222,11 @@ def output_is_current(
 ) -> bool:
     """True when ``dst`` is a complete llmquant output of ``src`` with the same recipe (reusable)."""
     try:
-        out = GGUFSource(dst)
+        with GGUFSource(dst) as out:
+            fingerprint, recipe = out.get("llmquant.source_fingerprint"), out.get("llmquant.recipe")
     except LlmquantError:
         return False
-    return (out.get("llmquant.source_fingerprint") == source_fingerprint(src)
-            and out.get("llmquant.recipe") == recipe_key(ftype, options, importance))
+    return fingerprint == source_fingerprint(src) and recipe == recipe_key(ftype, options, importance)
 
 
 def _prepare_writer(
@@ -293,9 +293,3 @@ def _quantized_tensors(
             else:
                 yield fmt.quantize(rows, weights, threads=threads, pool=workers)
             del rows
-
-
-def _replace(options: RecipeOptions, **changes) -> RecipeOptions:
-    from dataclasses import replace
-
-    return replace(options, **changes)

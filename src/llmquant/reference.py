@@ -42,6 +42,21 @@ def _load(name: str) -> ctypes.CDLL:
     raise ReferenceUnavailable(f"{lib}: no shared library for {name}")
 
 
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
+
+
+class _TypeTraits(ctypes.Structure):
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
+
+
 @lru_cache(maxsize=None)
 def ggml() -> ctypes.CDLL:
     lib = _load("ggml-base")
@@ -54,6 +69,8 @@ def ggml() -> ctypes.CDLL:
     lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
     lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
     lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
     return lib
 
 
@@ -82,28 +99,11 @@ def quantize_chunk(
     return out
 
 
-_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
-
-
-class _TypeTraits(ctypes.Structure):
-    _fields_ = [
-        ("type_name", ctypes.c_char_p),
-        ("blck_size", ctypes.c_int64),
-        ("blck_size_interleave", ctypes.c_int64),
-        ("type_size", ctypes.c_size_t),
-        ("is_quantized", ctypes.c_bool),
-        ("to_float", ctypes.c_void_p),
-        ("from_float_ref", ctypes.c_void_p),
-    ]
-
-
 def dequantize(qtype: GGMLQuantizationType, data: np.ndarray, n_elements: int) -> np.ndarray:
     """libggml's ``to_float`` for ``qtype``: bytes -> float32 (flat, ``n_elements`` values)."""
     if qtype == GGMLQuantizationType.F32:  # no to_float: the bytes are the values
         return np.ascontiguousarray(data).view(np.uint8).view(np.float32)[:n_elements].copy()
     lib = ggml()
-    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
-    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
     traits = lib.ggml_get_type_traits(int(qtype)).contents
     if not traits.to_float:
         raise ReferenceUnavailable(f"libggml has no to_float for {qtype.name}")
