@@ -141,9 +141,9 @@ def test_requantize_needs_permission(tmp_path):
 
 def test_tiny_model_all_types_match_llama_quantize(tmp_path):
     """On a model whose rows are multiples of 256 the output tensor takes Q6_K for the legacy
-    ftypes (llama.cpp's rule); F32/F16/Q8_0 files must match llama.cpp's byte for byte."""
+    ftypes (llama.cpp's rule, no fallback here); every file must match llama.cpp's byte for byte."""
     src = write_tiny_llama(tmp_path / "tiny.gguf", n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_vocab=256)
-    for name in ("F16", "BF16", "Q8_0"):
+    for name in ("F16", "BF16", "Q8_0", "Q4_0", "Q5_1"):
         ours, theirs = tmp_path / f"ours-{name}.gguf", tmp_path / f"theirs-{name}.gguf"
         quantize_model(src, ours, TYPES[name])
         reference.model_quantize(src, theirs, TYPES[name])
@@ -152,3 +152,5 @@ def test_tiny_model_all_types_match_llama_quantize(tmp_path):
         for ta in a.tensors:
             assert ta.type == b.info(ta.name).type, ta.name
             assert np.array_equal(a.raw(ta.name), b.raw(ta.name)), f"{name}: {ta.name}"
+        if name in ("Q4_0", "Q5_1"):
+            assert a.info("output.weight").type == T.Q6_K
