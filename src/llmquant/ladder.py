@@ -122,7 +122,9 @@ def run_ladder(
         model_name = s.get("general.name")
         source_type = ftype_name(s.file_type) if s.file_type is not None else None
         source_was_quantized = s.is_quantized
-        f32_bytes = s.n_params * 4
+        n_params = s.n_params
+        trained_ctx = int(s.arch_get("context_length") or 4096)
+    f32_bytes = n_params * 4
     notes: list[str] = []
     # the base of every comparison: the F32 rendering of the source (F16 where memory is short)
     base_ftype = LlamaFileType.ALL_F32
@@ -160,9 +162,9 @@ def run_ladder(
             step(f"speed {r.name}", i / len(results))
             r.speed = probe(r.path, n_prompt=128, n_gen=32, repetitions=2, threads=threads).to_dict()
     step("fit: memory on this machine", None)
-    machine_info, fit_ctx = _fit_rungs(src, results, fit_ctx, machine, notes)
+    machine_info, fit_ctx = _fit_rungs(src, results, fit_ctx or min(trained_ctx, 8192), machine, notes)
     inversions = find_inversions(results, source_type if source_was_quantized else None)
-    recommendation, reasons = recommend(results, model_params=_params(src), machine=machine_info, fit_ctx=fit_ctx)
+    recommendation, reasons = recommend(results, model_params=n_params, machine=machine_info, fit_ctx=fit_ctx)
     text_name = str(text) if text else "llmquant built-in evaluation text"
     return LadderResult(
         model=str(src), model_name=model_name, source_type=source_type,
@@ -174,16 +176,12 @@ def run_ladder(
     )
 
 
-def _fit_rungs(src: Path, rungs: list[RungResult], fit_ctx: int | None, machine: str,
+def _fit_rungs(src: Path, rungs: list[RungResult], n_ctx: int, machine: str,
                notes: list[str]) -> tuple[dict, int | None]:
-    """Attach llmquant fit's memory and speed bound to every rung (context: the model's trained
-    context, at most 8192, unless given)."""
+    """Attach llmquant fit's memory and speed bound for an ``n_ctx``-token context to every rung."""
     from .fit import fit, resolve_machine
     from .fitmodels import load_spec
 
-    with GGUFSource(src) as s:
-        trained = s.arch_get("context_length") or 4096
-    n_ctx = fit_ctx or min(int(trained), 8192)
     try:
         report = fit(load_spec(str(src)), resolve_machine(machine, None, None), n_ctx=n_ctx,
                      ladder=[r.name for r in rungs]).to_dict()
@@ -197,11 +195,6 @@ def _fit_rungs(src: Path, rungs: list[RungResult], fit_ctx: int | None, machine:
             r.fit = {k: row[k] for k in ("total_bytes", "fits", "tight", "headroom_bytes", "tok_s", "max_ctx",
                                          "placement", "usable_bytes")}
     return report["machine"], n_ctx
-
-
-def _params(path: Path) -> int:
-    with GGUFSource(path) as s:
-        return s.n_params
 
 
 def find_inversions(rungs: list[RungResult], source_type: str | None) -> list[str]:
