@@ -1,4 +1,5 @@
-"""Build llama.cpp's llama-perplexity once (Release, CPU, no network code), cached in bench/.cache/.
+"""Build llama.cpp's tools once (Release, CPU, no network code), cached in bench/.cache/ (or in
+$LLMQUANT_LLAMA_CACHE, so that several checkouts share one build).
 
 The sources are the llama.cpp vendored in llama-cpp-python 0.3.36, the same version llmquant's
 runtime links, so both sides run the same kernels. If /tmp/src is missing the sdist is fetched
@@ -7,13 +8,14 @@ with pip and unpacked under bench/.cache/.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 VERSION = "0.3.36"
-CACHE = Path(__file__).parent / ".cache"
+CACHE = Path(os.environ.get("LLMQUANT_LLAMA_CACHE") or Path(__file__).parent / ".cache")
 SRC_CANDIDATES = [Path(f"/tmp/src/llama_cpp_python-{VERSION}/vendor/llama.cpp"),
                   CACHE / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"]
 

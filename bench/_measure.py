@@ -13,17 +13,17 @@ kind, src, dst, ftype, threads = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv
 ft = LlamaFileType[ftype]
 if kind == "llmquant":
     from llmquant.quantize import quantize_model
-    from llmquant.recipes import RecipeOptions
+    from llmquant.gguf.recipes import RecipeOptions
     quantize_model(src, dst, LlamaFileType.MOSTLY_Q4_0, threads=1, force=True, options=RecipeOptions(allow_requantize=True))  # warm the JIT cache
     t0 = time.perf_counter()
     quantize_model(src, dst, ft, threads=threads, force=True, options=RecipeOptions(allow_requantize=True))
 else:
-    from llmquant import reference
+    from llmquant.runtime import reference
     reference.llama()
     t0 = time.perf_counter()
     reference.model_quantize(src, dst, ft, threads=threads, allow_requantize=True)
 seconds = time.perf_counter() - t0
-from llmquant.memprobe import peak_rss
+from llmquant.measure.memprobe import peak_rss
 print(json.dumps({"seconds": seconds, "peak_rss": peak_rss()}))
 """
 

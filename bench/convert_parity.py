@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from hfmodel import export_default_model, write_tiny_model  # noqa: E402
 
-from llmquant.sources import GGUFSource  # noqa: E402
+from llmquant.gguf.source import GGUFSource  # noqa: E402
 
 DEFAULT_LLAMA_CPP = "/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp"
 DEFAULT_PYTHON = "/work/venv-convert/bin/python"

@@ -29,7 +29,7 @@ from _llama_build import CACHE, build_tool  # noqa: E402
 
 CHILD = r"""
 import json, sys
-from llmquant.eval import evaluate_many
+from llmquant.measure.eval import evaluate_many
 base, text, ctx, chunks, threads, compat, *models = sys.argv[1:]
 res = evaluate_many(models, base, text=text, ctx=int(ctx), chunks=int(chunks) if chunks != "-" else None,
                     threads=int(threads), llama_compat=compat == "1")
@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs of each tool; throughput is the best run")
     args = ap.parse_args()
 
-    from llmquant.eval import DEFAULT_TEXT, load_text
+    from llmquant.measure.eval import DEFAULT_TEXT, load_text
 
     exe = build_tool()
     base, models = make_files(args.types.split(","), CACHE / "eval-models")

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _measure import measure  # noqa: E402
 
 from llmquant.models import default_model_path  # noqa: E402
-from llmquant.sources import GGUFSource  # noqa: E402
+from llmquant.gguf.source import GGUFSource  # noqa: E402
 
 
 def main() -> None:

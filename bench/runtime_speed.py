@@ -34,8 +34,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _llama_build import build_tool
 
-from llmquant.bench import model_facts
-from llmquant.models import resolve_model
+from llmquant.measure.bench import model_facts
+from llmquant.store import resolve_model
 
 SERVER_PROMPT = "Here is a long story about a dragon who learned to code:"
 
@@ -108,8 +108,8 @@ def through_server(url: str, n_gen: int, stream: bool) -> tuple[int, float]:
 
 
 def direct(model, n_gen: int) -> tuple[int, float]:
-    from llmquant.run import run_prompt
-    from llmquant.runtime import Sampling
+    from llmquant.serve.session import run_prompt
+    from llmquant.runtime.llama import Sampling
 
     t0 = time.perf_counter()
     stream = run_prompt(model, SERVER_PROMPT, max_tokens=n_gen, sampling=Sampling(temperature=0)).consume()
@@ -157,7 +157,7 @@ def main() -> None:
     if args.skip_server:
         return
     # 3. server overhead --------------------------------------------------------------------------
-    from llmquant.run import load
+    from llmquant.serve.session import load
 
     proc, url = start_server(model, args.threads)
     try:

@@ -43,7 +43,7 @@ def main() -> None:
     from pydoc_data import topics
 
     from llmquant.models import default_model_path
-    from llmquant.runtime import Model
+    from llmquant.runtime.llama import Model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=6500)

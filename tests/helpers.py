@@ -43,7 +43,7 @@ def minilm_tensors() -> dict[str, np.ndarray]:
 
 
 def model_tensor(name: str) -> np.ndarray:
-    from llmquant.sources import GGUFSource
+    from llmquant.gguf.source import GGUFSource
 
     with GGUFSource(default_model_path()) as src:
         return src.read(name)

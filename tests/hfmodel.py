@@ -99,7 +99,7 @@ def tokenizer_json(tokens: list[str], types: list[int], merges: list[str]) -> di
 
 def export_default_model(folder: Path, *, shards: int = 2, dtype: str = "F32", card: bool = True) -> Path:
     """The embedded model as a Hugging Face folder (F32 weights = its exact F32 rendering)."""
-    from llmquant.sources import GGUFSource
+    from llmquant.gguf.source import GGUFSource
 
     folder.mkdir(parents=True, exist_ok=True)
     with GGUFSource(default_model_path()) as src:

@@ -22,11 +22,11 @@ from helpers import default_model_path
 from hfmodel import bf16_bits, export_default_model, spm_model_bytes, to_hf_layout, write_safetensors, write_tiny_model
 from llmquant.convert import convert_model, convert_type
 from llmquant.errors import LlmquantError, ModelFileError, TensorDataError, UnsafeFormatError, UnsupportedModelError
-from llmquant.sources import GGUFSource
-from llmquant.sources.hf_source import HFSource, permute_qk, supported_architectures, unpermute_qk
-from llmquant.sources.hf_vocab import read_sentencepiece
-from llmquant.sources.safetensors import parse_safetensors, read_float32
-from llmquant.writer import TEMP_PREFIX
+from llmquant.gguf.source import GGUFSource
+from llmquant.hf.source import HFSource, permute_qk, supported_architectures, unpermute_qk
+from llmquant.hf.vocab import read_sentencepiece
+from llmquant.hf.safetensors import parse_safetensors, read_float32
+from llmquant.gguf.writer import TEMP_PREFIX
 
 KEYS_THAT_MATTER = (
     "general.architecture", "llama.block_count", "llama.context_length", "llama.embedding_length",
@@ -148,7 +148,7 @@ def test_tiny_qwen2_values_types_and_load(tmp_path, smol_tokenizer):
                 assert np.abs(q - want).max() <= np.abs(want).max() / 127
             else:
                 assert np.array_equal(q, want)
-    from llmquant.runtime import Model
+    from llmquant.runtime.llama import Model
 
     with Model(tmp_path / "q-bf16.gguf", n_ctx=64, threads=1) as m:
         assert len(m.complete("Hello", max_tokens=4).tokens) == 4
@@ -292,7 +292,7 @@ def test_round_trip_same_tensors_and_metadata(round_trip):
 @pytest.mark.slow
 def test_round_trip_tokenizes_and_generates_identically(round_trip, tmp_path):
     from llmquant.quantize import quantize_model
-    from llmquant.runtime import Model
+    from llmquant.runtime.llama import Model
 
     _, dst, _ = round_trip
     reference = tmp_path / "reference-f32.gguf"  # the embedded model's F32 rendering: the same weights

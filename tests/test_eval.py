@@ -14,7 +14,7 @@ from helpers import default_model_path
 from tinymodel import write_tiny_llama
 
 from llmquant.errors import EvalError, EvalTextError
-from llmquant.eval import (
+from llmquant.measure.eval import (
     DEFAULT_TEXT,
     BaseProbs,
     Statistics,
@@ -268,7 +268,7 @@ def test_short_text_names_the_minimum(tmp_path):
 
 
 def test_default_text_gives_at_least_8_chunks_of_512():
-    from llmquant.runtime import Model
+    from llmquant.runtime.llama import Model
 
     text, _ = load_text(None)
     with Model(default_model_path(), n_ctx=64, threads=1) as m:
@@ -293,7 +293,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.slow
 def test_chunk_logits_equal_full_logits(files):
-    from llmquant.runtime import Model
+    from llmquant.runtime.llama import Model
 
     text, _ = load_text(None)
     with Model(files["Q8_0"], n_ctx=64, n_batch=64, threads=2, logits_all=True) as m:
@@ -307,7 +307,7 @@ def test_chunk_logits_equal_full_logits(files):
 @pytest.mark.slow
 def test_evaluation_equals_reference_on_real_logits(files):
     """llama-perplexity's chunking done by hand with full logits, then the reference statistics."""
-    from llmquant.runtime import Model
+    from llmquant.runtime.llama import Model
 
     ctx, n_chunks, first = 64, 3, 32
     res = evaluate(files["Q4_0"], base=files["F32"], ctx=ctx, chunks=n_chunks, threads=2)

@@ -17,8 +17,8 @@ from gguf import LlamaFileType as F
 from helpers import default_model_path
 from tinymodel import llama_tensors, write_tiny_llama
 
-from llmquant import fit as fitlib
-from llmquant.fit import (
+from llmquant.fit import planner as fitlib
+from llmquant.fit.planner import (
     LOAD_FIXED,
     RUNTIME_BASELINE,
     Context,
@@ -29,14 +29,14 @@ from llmquant.fit import (
     kv_bytes,
     rung_weights,
 )
-from llmquant.fitmodels import (
+from llmquant.fit.catalog import (
     ModelSpecError,
     load_spec,
     spec_from_gguf,
     spec_from_hf_dir,
     spec_from_preset,
 )
-from llmquant.machines import (
+from llmquant.fit.machines import (
     GiB,
     SizeError,
     UnknownMachineError,
@@ -345,7 +345,7 @@ def test_cli_folder_without_config_json(tmp_path):
 @pytest.mark.parametrize("n_ctx, n_batch, kv", [(512, 512, None), (8192, 512, None), (2048, 128, "q8_0"),
                                                 (8192, 256, "q4_0")])
 def test_kv_and_compute_match_what_llama_cpp_allocates(n_ctx, n_batch, kv):
-    from llmquant.runtime import llama_buffer_sizes
+    from llmquant.runtime.llama import llama_buffer_sizes
 
     spec = load_spec(None)
     got = llama_buffer_sizes(default_model_path(), n_ctx=n_ctx, n_batch=n_batch, kv_type=kv)
@@ -358,7 +358,7 @@ def test_kv_and_compute_match_what_llama_cpp_allocates(n_ctx, n_batch, kv):
 # -- the prediction against measured peak RSS (slow) ----------------------------------------------------
 
 def _probe(path, n_ctx, *, batch=512, kv=None, prompt=64, gen=8) -> dict:
-    cmd = [sys.executable, "-m", "llmquant.memprobe", str(path), "--ctx", str(n_ctx), "--batch", str(batch),
+    cmd = [sys.executable, "-m", "llmquant.measure.memprobe", str(path), "--ctx", str(n_ctx), "--batch", str(batch),
            "--prompt", str(prompt), "--gen", str(gen), "--threads", "1"]
     if kv:
         cmd += ["--kv-type", kv]
@@ -382,7 +382,7 @@ def rung_files(tmp_path_factory):
 
 
 def _check(path, n_ctx, *, batch=512, kv=None, prompt=64, gen=8):
-    from llmquant.machines import cpu_isa
+    from llmquant.fit.machines import cpu_isa
 
     got = _probe(path, n_ctx, batch=batch, kv=kv, prompt=prompt, gen=gen)
     spec = spec_from_gguf(path)
@@ -421,7 +421,7 @@ def test_prediction_matches_quantized_kv_cache(rung_files, n_ctx, batch, kv):
 
 @pytest.mark.slow
 def test_runtime_baseline_is_what_python_and_llama_cpp_import_cost():
-    got = json.loads(subprocess.run([sys.executable, "-m", "llmquant.memprobe", "--baseline"],
+    got = json.loads(subprocess.run([sys.executable, "-m", "llmquant.measure.memprobe", "--baseline"],
                                     capture_output=True, text=True, check=True).stdout)
     assert abs(got["peak_rss_bytes"] / RUNTIME_BASELINE - 1) < 0.15, got
     assert LOAD_FIXED < RUNTIME_BASELINE

@@ -9,7 +9,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from helpers import adversarial_rows, assert_same_blocks, importance_vectors, minilm_tensors, model_tensor
-from llmquant import reference
+from llmquant.runtime import reference
 from llmquant.formats import get_format
 
 FLOAT_TYPES = [T.F32, T.F16, T.BF16]

@@ -13,7 +13,7 @@ from gguf import GGUFReader
 
 from helpers import default_model_path
 from llmquant.errors import ModelFileError
-from llmquant.sources import GGUFSource
+from llmquant.gguf.source import GGUFSource
 from tinymodel import llama_tensors, write_tiny_llama
 
 

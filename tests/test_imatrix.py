@@ -18,12 +18,12 @@ from gguf import LlamaFileType as F
 from helpers import default_model_path
 from tinymodel import write_tiny_llama
 
-from llmquant import reference
+from llmquant.runtime import reference
 from llmquant.errors import ModelFileError, TensorDataError
 from llmquant.formats import registered_types
-from llmquant.imatrix import load_imatrix
+from llmquant.gguf.imatrix import load_imatrix
 from llmquant.quantize import quantize_model
-from llmquant.sources import GGUFSource
+from llmquant.gguf.source import GGUFSource
 
 CHUNK_SIZE = 512
 FTYPES = {"Q4_0": F.MOSTLY_Q4_0, "Q5_1": F.MOSTLY_Q5_1}

@@ -24,7 +24,7 @@ from helpers import (
     minilm_tensors,
 )
 
-from llmquant import reference
+from llmquant.runtime import reference
 from llmquant.formats import _kernels, get_format
 
 K_TYPES = [GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q4_K,

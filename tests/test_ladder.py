@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from llmquant.ladder import RungResult, find_inversions, recommend
+from llmquant.measure.ladder import RungResult, find_inversions, recommend
 
 
 def rung(name, mib, ppl_ratio, kld, fallback=0.0, types=None, fallbacks=None):
@@ -51,8 +51,8 @@ def test_inversion_is_flagged_and_explained():
 @pytest.mark.slow
 def test_ladder_main_job_on_default_model(tmp_path):
     """The README's main job on a short run: every output written and consistent."""
-    from llmquant.ladder import run_ladder
-    from llmquant.report import write_all
+    from llmquant.measure.ladder import run_ladder
+    from llmquant.measure.report import write_all
 
     result = run_ladder(rungs=("Q8_0", "Q4_K_M", "Q2_K"), out_dir=tmp_path, chunks=3, threads=2, speed=True)
     paths = write_all(result, tmp_path)

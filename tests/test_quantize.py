@@ -13,11 +13,11 @@ from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType as F
 
 from helpers import default_model_path
-from llmquant import reference
+from llmquant.runtime import reference
 from llmquant.errors import RequantizeError, TensorDataError
 from llmquant.quantize import quantize_model
-from llmquant.runtime import Model
-from llmquant.sources import GGUFSource
+from llmquant.runtime.llama import Model
+from llmquant.gguf.source import GGUFSource
 from tinymodel import write_tiny_llama
 
 TYPES = {
@@ -133,7 +133,7 @@ def test_requantize_needs_permission(tmp_path):
     with pytest.raises(RequantizeError, match="already Q8_0.*--allow-requantize"):
         quantize_model(src, dst, F.MOSTLY_Q4_0)
     assert not dst.exists()
-    from llmquant.recipes import RecipeOptions
+    from llmquant.gguf.recipes import RecipeOptions
 
     result = quantize_model(src, dst, F.MOSTLY_Q4_0, options=RecipeOptions(allow_requantize=True))
     assert dst.exists() and result.source_was_quantized and result.notes

@@ -21,11 +21,11 @@ from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType as F
 
 from helpers import default_model_path
-from llmquant import recipes
+from llmquant.gguf import recipes
 from llmquant.errors import ImatrixRequiredError, RecipeError, RequantizeError, UnknownTypeError
-from llmquant.recipes import RecipeOptions, TensorPlan, plan_model
+from llmquant.gguf.recipes import RecipeOptions, TensorPlan, plan_model
 
-from llmquant import reference
+from llmquant.runtime import reference
 
 FTYPES = [F.ALL_F32, F.MOSTLY_F16, F.MOSTLY_BF16, F.MOSTLY_Q8_0, F.MOSTLY_Q4_0, F.MOSTLY_Q4_1,
           F.MOSTLY_Q5_0, F.MOSTLY_Q5_1, F.MOSTLY_Q2_K, F.MOSTLY_Q2_K_S, F.MOSTLY_Q3_K_S,
@@ -280,7 +280,7 @@ def test_smollm2_hparams(smollm):
     assert arch == "llama"
     assert hparams == {"n_layer": 30, "n_head": 9, "n_head_kv": 3, "n_expert": 0, "n_embd": 576,
                        "n_layer_nextn": 0}
-    from llmquant.sources import GGUFSource
+    from llmquant.gguf.source import GGUFSource
     with GGUFSource(smollm) as src:
         assert recipes.hparams_from_fields(arch, src.fields) == hparams
 

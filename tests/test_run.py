@@ -71,7 +71,7 @@ def test_run_unknown_model_is_one_line(tmp_path):
 
 
 def test_stream_pieces_hold_back_partial_stop_strings():
-    from llmquant.runtime import Model, Sampling
+    from llmquant.runtime.llama import Model, Sampling
 
     with Model(default_model_path(), n_ctx=256, threads=1) as m:
         whole = m.generate(PROMPT, max_tokens=16, sampling=Sampling(temperature=0)).consume()
@@ -83,7 +83,7 @@ def test_stream_pieces_hold_back_partial_stop_strings():
 
 
 def test_held_back_suffixes():
-    from llmquant.runtime import _held_back
+    from llmquant.runtime.llama import _held_back
 
     assert _held_back("hello wor", ["world"]) == 3
     assert _held_back("hello", ["world"]) == 0
@@ -107,14 +107,14 @@ HOSTILE = [
 
 @pytest.mark.parametrize("template", HOSTILE)
 def test_sandbox_refuses_python_internals(template):
-    from llmquant.chat import ChatTemplateError, render_chat
+    from llmquant.runtime.chat import ChatTemplateError, render_chat
 
     with pytest.raises(ChatTemplateError, match="refused by the sandbox"):
         render_chat(template, [{"role": "user", "content": "hi"}])
 
 
 def test_sandbox_renders_ordinary_templates():
-    from llmquant.chat import ChatTemplateError, render_chat
+    from llmquant.runtime.chat import ChatTemplateError, render_chat
 
     template = (
         "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}[S]{{ m.content | trim }}"
@@ -165,8 +165,8 @@ def test_chat_repl_answers_keeps_history_and_says_bye(tmp_path):
 
 
 def test_chat_session_reuses_the_cache_and_drops_old_turns():
-    from llmquant.run import ChatSession
-    from llmquant.runtime import Model, Sampling
+    from llmquant.serve.session import ChatSession
+    from llmquant.runtime.llama import Model, Sampling
 
     with Model(default_model_path(), n_ctx=160, threads=1) as m:
         s = ChatSession(m, Sampling(temperature=0), max_tokens=8, system="Be brief.", reserve=40)

@@ -302,7 +302,7 @@ def test_unknown_route_and_server_still_up(server, client):
 
 # -- the queue itself ------------------------------------------------------------------------------------
 def test_waiting_requests_get_slots_in_arrival_order():
-    from llmquant.serve import Slots
+    from llmquant.serve.app import Slots
 
     async def scenario() -> list[int]:
         slots = Slots(["a", "b"])  # stand-ins for loaded models

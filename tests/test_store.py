@@ -16,7 +16,8 @@ from helpers import default_model_path
 
 from llmquant import store
 from llmquant.errors import LlmquantError
-from llmquant.models import DEFAULT_MODEL_NAME, resolve_model
+from llmquant.models import DEFAULT_MODEL_NAME
+from llmquant.store import resolve_model
 
 
 @pytest.fixture

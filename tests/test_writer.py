@@ -8,8 +8,9 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, GGUFValueType
 
 from llmquant.errors import DestinationError
-from llmquant.sources import GGUFSource, MetadataField
-from llmquant.writer import TEMP_PREFIX, AtomicGGUFWriter, check_destination
+from llmquant.gguf.source import GGUFSource
+from llmquant.gguf.header import MetadataField
+from llmquant.gguf.writer import TEMP_PREFIX, AtomicGGUFWriter, check_destination
 
 
 def _write(dst, tensors, fail_after=None, force=False):

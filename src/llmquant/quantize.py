@@ -20,13 +20,13 @@ from gguf import GGUFValueType, LlamaFileType
 from . import __version__
 from .errors import LlmquantError, RequantizeError, TensorDataError
 from .formats import get_format
-from .imatrix import importance_for_plans
+from .gguf.imatrix import importance_for_plans
 from .models import is_default_model
-from .recipes import (
+from .gguf.recipes import (
     RecipeOptions, TensorPlan, ftype_name, hparams_from_fields, plan_model, tensors_requiring_imatrix,
 )
-from .sources import GGUFSource
-from .writer import AtomicGGUFWriter, check_destination, tensor_nbytes
+from .gguf.source import GGUFSource
+from .gguf.writer import AtomicGGUFWriter, check_destination, tensor_nbytes
 
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 

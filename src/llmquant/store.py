@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LlmquantError, ModelFileError
+from .models import DEFAULT_MODEL_NAME, default_model_path
 
 DEFAULT_TAG = "latest"
 MANIFEST = "manifest.json"
@@ -101,7 +102,6 @@ def _model_dir(name: str, tag: str, root: Path | None = None) -> Path:
 
 # -- reading the store ---------------------------------------------------------------------------------
 def _embedded() -> StoredModel | None:
-    from .models import DEFAULT_MODEL_NAME, default_model_path
 
     try:
         path = default_model_path()
@@ -139,7 +139,6 @@ def list_models() -> list[StoredModel]:
 
 
 def get(spec: str) -> StoredModel:
-    from .models import DEFAULT_MODEL_NAME
 
     name, tag = parse_name(spec)
     if f"{name}:{tag}" == DEFAULT_MODEL_NAME or spec in ("default",):
@@ -154,6 +153,19 @@ def get(spec: str) -> StoredModel:
 
 def resolve(spec: str) -> Path:
     return Path(get(spec).path)
+
+
+def resolve_model(spec: str | Path | None) -> Path:
+    """A model argument -> a GGUF path: None (or the default's name) -> the embedded default; an
+    existing path -> itself; otherwise a ``name[:tag]`` in the store."""
+    if spec is None or str(spec) in (DEFAULT_MODEL_NAME, "default"):
+        return default_model_path()
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if isinstance(spec, str) and looks_like_name(spec):
+        return resolve(spec)
+    raise ModelFileError(path, "no such file")
 
 
 def remove(spec: str) -> StoredModel:
@@ -179,7 +191,7 @@ _BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.
 
 def show(spec: str) -> dict[str, Any]:
     """Everything ``llmquant show`` prints: store entry, model facts, metadata, template, parameters."""
-    from .sources import GGUFSource
+    from .gguf.source import GGUFSource
 
     model = get(spec)
     with GGUFSource(model.path) as src:
@@ -213,7 +225,7 @@ def show(spec: str) -> dict[str, Any]:
         }
         stops = [t for t in (token("tokenizer.ggml.eos_token_id"), token("tokenizer.ggml.eot_token_id")) if t]
         template = src.get("tokenizer.chat_template")
-    from .runtime import Sampling
+    from .runtime.llama import Sampling
 
     defaults = Sampling()
     parameters = {"temperature": defaults.temperature, "top_p": defaults.top_p, "top_k": defaults.top_k,
@@ -244,7 +256,6 @@ def pull(
 
     ``link``: hard-link when the store is on the same filesystem (no extra disk), else copy.
     """
-    from .models import DEFAULT_MODEL_NAME
 
     _sweep()
     source = find_source(src, hf_cache_dir=hf_cache_dir)
@@ -396,7 +407,7 @@ def _quant_in_filename(filename: str) -> str | None:
 
 def _describe(files: list[Path]) -> dict[str, Any]:
     """Header facts of a (possibly split) GGUF; every part's header is parsed and checked."""
-    from .sources import GGUFSource
+    from .gguf.source import GGUFSource
 
     n_params, size, first = 0, 0, None
     for part in files:

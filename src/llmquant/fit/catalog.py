@@ -21,7 +21,7 @@ from typing import Any
 
 from gguf import GGMLQuantizationType
 
-from .errors import LlmquantError
+from ..errors import LlmquantError
 
 Q = GGMLQuantizationType
 
@@ -319,7 +319,7 @@ def spec_from_hf_dir(folder: str | Path) -> ModelSpec:
 
 def spec_from_gguf(path: str | Path) -> ModelSpec:
     """Hyper-parameters and the real tensor table of a GGUF (metadata only, no tensor data read)."""
-    from .sources import GGUFSource
+    from ..gguf.source import GGUFSource
 
     with GGUFSource(path) as src:
         arch = src.arch
@@ -452,7 +452,7 @@ def spec_from_preset(arg: str) -> ModelSpec:
 
 def load_spec(arg: str | Path | None) -> ModelSpec:
     """Any MODEL argument of ``fit``: None (the embedded default), a GGUF file, an HF folder, a preset."""
-    from .models import DEFAULT_MODEL_NAME, default_model_path
+    from ..models import DEFAULT_MODEL_NAME, default_model_path
 
     if arg is None or str(arg) in (DEFAULT_MODEL_NAME, "default"):
         return spec_from_gguf(default_model_path())
@@ -461,7 +461,7 @@ def load_spec(arg: str | Path | None) -> ModelSpec:
         return spec_from_hf_dir(path)
     if path.is_file():
         return spec_from_gguf(path)
-    from . import store
+    from .. import store
 
     if store.looks_like_name(str(arg)):  # a model in the store (llmquant list) before a preset
         try:

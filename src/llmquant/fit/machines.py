@@ -14,7 +14,8 @@ import re
 import time
 from dataclasses import dataclass
 
-from .errors import LlmquantError
+from ..errors import LlmquantError
+from ..system import default_threads
 
 GiB = 1 << 30
 
@@ -202,13 +203,6 @@ def cpu_isa() -> str:
     if "asimddp" in flags:
         return "neon"
     return "none"
-
-
-def default_threads(threads: int | None = None) -> int:
-    """``threads`` when given, else the CPUs this process may run on (its affinity mask)."""
-    if threads:
-        return threads
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def measure_bandwidth(seconds: float = 0.5, size: int = 256 << 20, threads: int | None = None) -> float:

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field, replace
 from gguf import GGMLQuantizationType
 from gguf.constants import GGML_QUANT_SIZES
 
-from .errors import LlmquantError
-from .fitmodels import ModelSpec
+from ..errors import LlmquantError
+from .catalog import ModelSpec
 from .machines import GiB, Machine
-from .recipes import RecipeOptions, ftype_name, parse_ftype, plan_model
+from ..gguf.recipes import RecipeOptions, ftype_name, parse_ftype, plan_model
 
 Q = GGMLQuantizationType
 MiB = 1 << 20
@@ -784,7 +784,7 @@ def fit_for(model: str | None = None, *, machine: str | None = None, ram: str | 
             task: str = "chat") -> FitReport:
     """``llmquant fit`` as a function: resolve MODEL (GGUF, HF folder, preset or size) and the machine,
     then size every rung."""
-    from .fitmodels import load_spec
+    from .catalog import load_spec
 
     mach = resolve_machine(machine, ram, vram)
     return fit(load_spec(model), mach, n_ctx=n_ctx, kv_type=kv_type, n_batch=n_batch, task=task)

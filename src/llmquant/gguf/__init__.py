@@ -1,6 +1,2 @@
-"""Model sources: metadata + tensors streamed one at a time as float32."""
-
-from .gguf_header import GGUFHeader, MetadataField, parse_gguf
-from .gguf_source import GGUFSource, TensorInfo
-
-__all__ = ["GGUFHeader", "GGUFSource", "MetadataField", "TensorInfo", "parse_gguf"]
+"""GGUF files: the validated header parser, the tensor source, the atomic writer, the per-tensor
+recipes (llama.cpp's mixtures) and the importance-matrix file formats."""

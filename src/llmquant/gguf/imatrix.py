@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
 
-from .errors import ModelFileError, TensorDataError
-from .formats import get_format
+from ..errors import ModelFileError, TensorDataError
+from ..formats import get_format
 from .recipes import _TOKEN_EMBD_NAMES, TensorPlan, ftype_name, requires_imatrix
-from .sources.gguf_header import (
+from .header import (
     GGUF_MAGIC,
     GGUFHeader,
     MetadataField,

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 from gguf import GGMLQuantizationType, LlamaFileType
 from gguf.constants import GGML_QUANT_SIZES
 
-from .errors import ImatrixRequiredError, RecipeError, RequantizeError, UnknownTypeError
+from ..errors import ImatrixRequiredError, RecipeError, RequantizeError, UnknownTypeError
 
 Q = GGMLQuantizationType
 F = LlamaFileType

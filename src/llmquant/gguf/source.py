@@ -17,7 +17,7 @@ from gguf import quants as gguf_quants
 
 from ..errors import ModelFileError
 from ..formats import get_format, registered_types
-from .gguf_header import GGUFHeader, MetadataField, parse_gguf
+from .header import GGUFHeader, MetadataField, parse_gguf
 
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 

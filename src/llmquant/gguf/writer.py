@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFEndian, GGUFValueType, GGUFWriter
 
-from .errors import DestinationError
-from .sources import MetadataField
+from ..errors import DestinationError
+from .header import MetadataField
 
 TEMP_PREFIX = ".llmquant-partial-"
 

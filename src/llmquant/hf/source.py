@@ -26,8 +26,8 @@ from gguf import size_label as gguf_size_label
 from gguf.gguf_writer import GGUFValue
 
 from ..errors import ModelFileError, TensorDataError, UnsafeFormatError, UnsupportedModelError
-from .gguf_header import MetadataField
-from .hf_vocab import Vocab, load_vocab, read_json
+from ..gguf.header import MetadataField
+from .vocab import Vocab, load_vocab, read_json
 from .safetensors import FLOAT_DTYPES, open_checkpoint, read_float32
 
 GGML_QUANT_VERSION = 2

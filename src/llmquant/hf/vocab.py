@@ -28,7 +28,7 @@ from typing import Any
 from gguf import TokenType
 
 from ..errors import ModelFileError, UnsupportedModelError
-from .hf_special import SpecialVocab
+from .special import SpecialVocab
 
 SPM_FILE = "tokenizer.model"
 BPE_FILE = "tokenizer.json"

@@ -43,8 +43,8 @@ def bench_model(
     threads: int | None = None, seed: int = 0,
 ) -> SpeedResult:
     """Prompt-processing and generation speed of ``path`` in this process."""
-    from .runtime import Model
-    from .sources import GGUFSource
+    from ..runtime.llama import Model
+    from ..gguf.source import GGUFSource
 
     path = Path(path)
     with GGUFSource(path) as src:
@@ -90,7 +90,7 @@ def model_facts(path: str | Path) -> dict:
     """What llama-bench prints about a model: ``arch size-label ftype``, tensor bytes, parameters —
     and the bytes of weights one generated token reads (every matrix once; the token embedding is
     a row lookup unless it doubles as the output matrix)."""
-    from .sources import GGUFSource
+    from ..gguf.source import GGUFSource
 
     with GGUFSource(path) as src:
         ftype = src.file_type

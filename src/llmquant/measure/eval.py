@@ -37,10 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EvalError, EvalTextError
+from ..errors import EvalError, EvalTextError
 
 MIN_CTX = 16
-DEFAULT_TEXT = Path(__file__).parent / "data" / "eval.txt"
+DEFAULT_TEXT = Path(__file__).parent.parent / "data" / "eval.txt"
 TEXT_SUFFIXES = (".txt", ".md")
 _ROWS = 16  # rows per block: keeps the float64 scratch of a block (16 x n_vocab) in cache
 # llama-perplexity leaves flash attention on "auto", which the CPU backend resolves to enabled
@@ -485,7 +485,7 @@ def evaluate_many(models: Sequence[str | Path], base: str | Path, text: str | Pa
 def _check_file(path: Path, ctx: int) -> tuple[str | None, bool]:
     """Refuse a ctx beyond the model's trained context before any context is allocated; return
     the file type name and whether the weights are quantized (from the GGUF header only)."""
-    from .sources import GGUFSource
+    from ..gguf.source import GGUFSource
 
     with GGUFSource(path) as src:
         n_train = src.arch_get("context_length")
@@ -498,8 +498,8 @@ def _check_file(path: Path, ctx: int) -> tuple[str | None, bool]:
 
 def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks: int | None,
               threads: int | None, progress, llama_compat: bool) -> list[EvalResult]:
-    from .machines import default_threads
-    from .runtime import Model
+    from ..system import default_threads
+    from ..runtime.llama import Model
 
     t_start = time.perf_counter()
     check_ctx(ctx)

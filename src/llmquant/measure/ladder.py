@@ -13,12 +13,12 @@ from typing import Callable
 
 from gguf import LlamaFileType
 
-from .errors import LlmquantError
-from .machines import default_threads
-from .models import resolve_model
-from .quantize import QuantizeResult, output_is_current, quantize_model
-from .recipes import RecipeOptions, ftype_name, parse_ftype
-from .sources import GGUFSource
+from ..errors import LlmquantError
+from ..system import default_threads
+from ..store import resolve_model
+from ..quantize import QuantizeResult, output_is_current, quantize_model
+from ..gguf.recipes import RecipeOptions, ftype_name, parse_ftype
+from ..gguf.source import GGUFSource
 
 DEFAULT_RUNGS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
 
@@ -179,8 +179,8 @@ def run_ladder(
 def _fit_rungs(src: Path, rungs: list[RungResult], n_ctx: int, machine: str,
                notes: list[str]) -> tuple[dict, int | None]:
     """Attach llmquant fit's memory and speed bound for an ``n_ctx``-token context to every rung."""
-    from .fit import fit, resolve_machine
-    from .fitmodels import load_spec
+    from ..fit.planner import fit, resolve_machine
+    from ..fit.catalog import load_spec
 
     try:
         report = fit(load_spec(str(src)), resolve_machine(machine, None, None), n_ctx=n_ctx,

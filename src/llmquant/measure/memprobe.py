@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import llama_cpp  # noqa: F401  (the import is part of the baseline)
 
-    from . import runtime
+    from ..runtime import llama as runtime
 
     out: dict = {"baseline_rss_bytes": peak_rss()}
     if args.baseline or not args.model:

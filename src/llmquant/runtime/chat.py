@@ -15,7 +15,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from .errors import LlmquantError
+from ..errors import LlmquantError
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

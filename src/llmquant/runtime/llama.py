@@ -16,8 +16,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import ModelFileError
-from .machines import default_threads
+from ..errors import ModelFileError
+from ..system import default_threads
 
 
 @dataclass

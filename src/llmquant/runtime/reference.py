@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
 
-from .errors import LlmquantError
+from ..errors import LlmquantError
 
 
 class ReferenceUnavailable(LlmquantError):

@@ -34,8 +34,8 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import StreamingResponse
 
-from .errors import LlmquantError
-from .runtime import ContextLengthError, Model, Sampling, TextStream
+from ..errors import LlmquantError
+from ..runtime.llama import ContextLengthError, Model, Sampling, TextStream
 
 EMBED_CTX = 2048
 
@@ -187,7 +187,7 @@ class ServerState:
 
 def load_state(path: Path, model_id: str, *, n_ctx: int, parallel: int, threads: int | None,
                api_key: str | None, aliases: set[str] | None = None) -> ServerState:
-    from .machines import default_threads
+    from ..system import default_threads
 
     per_slot = threads or max(1, default_threads() // parallel)
     models = [Model(path, n_ctx=n_ctx, threads=per_slot, n_batch=min(512, n_ctx)) for _ in range(parallel)]
@@ -202,7 +202,7 @@ def create_app(state: ServerState):
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from . import __version__
+    from .. import __version__
 
     app = FastAPI(title="llmquant", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.llm = state
@@ -269,7 +269,7 @@ def create_app(state: ServerState):
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatRequest, request: Request):
-        from .chat import ChatTemplateError, validate_messages
+        from ..runtime.chat import ChatTemplateError, validate_messages
 
         state.check_model(body.model)
         _unsupported(body)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .runtime import ContextLengthError, Model, Sampling, TextStream
+from ..runtime.llama import ContextLengthError, Model, Sampling, TextStream
 
 
 def load(path: str | Path, *, ctx: int = 4096, threads: int | None = None) -> Model:

@@ -21,8 +21,8 @@ from gguf import MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, LlamaFileType
 
 from .errors import TensorDataError, UnknownTypeError
 from .formats import get_format
-from .sources.hf_source import HFSource, HFTensor
-from .writer import TEMP_PREFIX, AtomicGGUFWriter, check_destination, tensor_nbytes
+from .hf.source import HFSource, HFTensor
+from .gguf.writer import TEMP_PREFIX, AtomicGGUFWriter, check_destination, tensor_nbytes
 
 T = GGMLQuantizationType
 OUTTYPES: dict[str, LlamaFileType | None] = {
@@ -179,7 +179,7 @@ def convert_model(
                 mid.unlink(missing_ok=True)
         else:
             _write(src, dst, ftype, plans, force=force, progress=progress)
-        from .recipes import ftype_name
+        from .gguf.recipes import ftype_name
 
         return ConvertResult(
             source=str(src.folder), destination=str(dst), architecture=src.arch, hf_architecture=src.hf_arch,

@@ -1,0 +1,191 @@
+"""Verbs that read or write GGUF files: inspect, quantize."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import LlmquantError
+from ..system import default_threads
+from .options import (
+    JsonOpt,
+    ModelArg,
+    ThreadsOpt,
+    _human_bytes,
+    _human_count,
+    _print_json,
+    _TensorProgress,
+    app,
+    out,
+)
+
+
+# -- inspect --------------------------------------------------------------------------------------------
+@app.command()
+def inspect(
+    model: ModelArg = None,
+    tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show what a GGUF holds: architecture, size, bits per weight, hyper-parameters, tensor types."""
+    from ..gguf.inspect import inspect_model
+    from ..store import resolve_model
+
+    info = inspect_model(resolve_model(model))
+    if as_json:
+        _print_json(info.to_dict(with_tensors=tensors))
+        return
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    rows = [
+        ("file", info.path),
+        ("name", info.name or "-"),
+        ("architecture", info.architecture),
+        ("parameters", f"{_human_count(info.n_params)} ({info.n_params:,})"),
+        ("file type", info.file_type or "-"),
+        ("size", f"{_human_bytes(info.file_bytes)} (tensors {_human_bytes(info.tensor_bytes)})"),
+        ("bits per weight", f"{info.bits_per_weight:.2f}"),
+        ("context length", str(info.context_length or "-")),
+        ("layers", str(info.n_layer or "-")),
+        ("embedding", str(info.n_embd or "-")),
+        ("heads / kv heads", f"{info.n_head or '-'} / {info.n_head_kv or '-'}"),
+        ("feed-forward", str(info.n_ff or "-")),
+        ("vocabulary", f"{info.vocab_size or '-'} ({info.tokenizer_model or 'no tokenizer'})"),
+        ("chat template", "yes" if info.has_chat_template else "no"),
+        ("GGUF version", str(info.gguf_version)),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    out.print(t)
+    types = Table(title="tensor types")
+    for col in ("type", "tensors", "params", "bytes", "share"):
+        types.add_column(col, justify="right" if col != "type" else "left")
+    for name, e in info.types.items():
+        types.add_row(name, str(e["tensors"]), _human_count(e["params"]), _human_bytes(e["bytes"]),
+                      f"{100 * e['bytes'] / max(info.tensor_bytes, 1):.1f}%")
+    out.print(types)
+    if tensors:
+        tt = Table(title="tensors")
+        for col in ("name", "shape", "type", "bytes"):
+            tt.add_column(col, justify="right" if col == "bytes" else "left")
+        for e in info.tensors:
+            tt.add_row(e["name"], "x".join(str(d) for d in e["shape"]), e["type"], f"{e['bytes']:,}")
+        out.print(tt)
+
+
+# -- quantize ---------------------------------------------------------------------------------------------
+@app.command()
+def quantize(
+    paths: Annotated[Optional[list[str]], typer.Argument(help="[SRC] DST: source GGUF (default: the embedded model) and output file.", show_default=False)] = None,
+    qtype: Annotated[str, typer.Option("--type", "-q", help="Target file type, e.g. Q8_0, Q4_K_M, Q5_1, F16.")] = "Q8_0",
+    pure: Annotated[bool, typer.Option("--pure", help="Quantize every tensor to the one type (no mixture rules).")] = False,
+    allow_requantize: Annotated[bool, typer.Option("--allow-requantize", help="Allow a source that is already quantized.")] = False,
+    leave_output_tensor: Annotated[bool, typer.Option("--leave-output-tensor", help="Do not quantize output.weight.")] = False,
+    output_tensor_type: Annotated[Optional[str], typer.Option("--output-tensor-type", help="Type for output.weight.")] = None,
+    token_embedding_type: Annotated[Optional[str], typer.Option("--token-embedding-type", help="Type for token_embd.weight.")] = None,
+    tensor_type: Annotated[list[str], typer.Option("--tensor-type", help="REGEX=TYPE override (repeatable).")] = [],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the per-tensor plan and exact size; write nothing.")] = False,
+    imatrix: Annotated[Optional[str], typer.Option("--imatrix", help="Importance matrix from llama-imatrix (.gguf or legacy .dat).")] = None,
+    threads: ThreadsOpt = 0,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite DST if it exists.")] = False,
+    name: Annotated[Optional[str], typer.Option("--name", help="Also add DST to the model store as NAME[:TAG].", show_default=False)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Quantize a GGUF tensor by tensor with llama.cpp's rules; output bytes identical to llama-quantize."""
+    from ..gguf.imatrix import load_imatrix
+    from ..gguf.recipes import (
+        RecipeOptions,
+        ftype_name,
+        parse_ftype,
+        parse_ggml_type,
+        parse_tensor_type,
+    )
+    from ..quantize import quantize_model
+    from ..store import resolve_model
+
+    paths = paths or []
+    if len(paths) > 2 or (not paths and not dry_run):
+        raise LlmquantError("expected [SRC] DST: an optional source model and the output file")
+    if not paths:
+        src_arg, dst = None, None
+    elif len(paths) == 1 and dry_run:
+        src_arg, dst = paths[0], None
+    elif len(paths) == 1:
+        src_arg, dst = None, paths[0]
+    else:
+        src_arg, dst = paths
+    src = resolve_model(src_arg)
+    if name:
+        from ..store import parse_name
+
+        parse_name(name)  # a bad name fails before any work
+    ftype = parse_ftype(qtype)
+    options = RecipeOptions(
+        pure=pure,
+        allow_requantize=allow_requantize,
+        quantize_output_tensor=not leave_output_tensor,
+        output_tensor_type=parse_ggml_type(output_tensor_type) if output_tensor_type else None,
+        token_embedding_type=parse_ggml_type(token_embedding_type) if token_embedding_type else None,
+        tensor_types=tuple(parse_tensor_type(spec) for spec in tensor_type),
+    )
+    n_threads = default_threads(threads)
+    imat = load_imatrix(imatrix) if imatrix else None
+    weighting = {"importance": imat.entries, "metadata": imat.provenance(imatrix)} if imat else {}
+    if dry_run or as_json:
+        result = quantize_model(src, dst, ftype, options=options, threads=n_threads, force=force, dry_run=dry_run, **weighting)
+    else:
+        with _TensorProgress(ftype_name(ftype)) as progress:
+            result = quantize_model(src, dst, ftype, options=options, threads=n_threads, force=force, progress=progress, **weighting)
+    stored = None
+    if name and not dry_run and result.destination:
+        from ..store import register
+
+        stored = register(result.destination, name)
+    if as_json:
+        _print_json({**result.to_dict(), **({"stored_as": stored.name} if stored else {})})
+        return
+    _render_quantize(result, dry_run)
+    if stored:
+        out.print(f"stored as {stored.name}", highlight=False)
+    if imat:
+        chunks = f", {imat.chunk_count} chunks" if imat.chunk_count else ""
+        out.print(f"importance matrix {imatrix} ({len(imat.entries)} entries{chunks}): "
+                  f"{'would weight' if dry_run else 'weighted'} {len(result.importance_tensors)} tensors", highlight=False)
+
+
+def _render_quantize(result, dry_run: bool) -> None:
+    if dry_run:
+        t = Table(title=f"plan: {result.ftype} (dry run, nothing written)")
+        for col in ("tensor", "shape", "from", "to", "bytes", "note"):
+            t.add_column(col, justify="right" if col == "bytes" else "left")
+        for p in result.to_dict()["tensors"]:
+            t.add_row(p["name"], "x".join(map(str, p["shape"])), p["source_type"], p["type"], f"{p['bytes']:,}", p["reason"])
+        out.print(t)
+    types = Table(title="result by type")
+    for col in ("type", "tensors", "params", "bytes"):
+        types.add_column(col, justify="left" if col == "type" else "right")
+    for name, e in sorted(result.type_counts().items(), key=lambda kv: -kv[1]["bytes"]):
+        types.add_row(name, str(e["tensors"]), _human_count(e["params"]), _human_bytes(e["bytes"]))
+    out.print(types)
+    size = result.file_bytes if result.file_bytes is not None else result.output_bytes
+    what = "would write" if dry_run else f"wrote {result.destination}:"
+    out.print(
+        f"{what} {_human_bytes(size)} ({result.output_bytes:,} bytes of tensors), "
+        f"{result.bits_per_weight:.2f} bits per weight"
+        + ("" if dry_run else f", in {result.seconds:.1f} s")
+    )
+    if result.fallbacks:
+        by_reason: dict[str, int] = {}
+        for p in result.fallbacks:
+            key = f"{p.target.name} -> {p.type.name}"
+            by_reason[key] = by_reason.get(key, 0) + 1
+        summary = ", ".join(f"{n} x {k}" for k, n in by_reason.items())
+        out.print(
+            f"[yellow]{len(result.fallbacks)} tensors fell back to another type because their row length "
+            f"is not a multiple of the block size ({summary})[/yellow]"
+        )
+    for note in result.notes:
+        out.print(f"[dim]note: {note}[/dim]")

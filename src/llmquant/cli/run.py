@@ -1,0 +1,240 @@
+"""Verbs that run a model through llama.cpp: run, chat, serve, bench."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import LlmquantError
+from .options import JsonOpt, ModelArg, ThreadsOpt, _print_json, app, err, out
+
+# -- run / chat ------------------------------------------------------------------------------------------
+PromptOpt = Annotated[Optional[str], typer.Option("--prompt", "-p", help="The prompt (default: read stdin, or chat when stdin is a terminal).", show_default=False)]
+CtxOpt = Annotated[int, typer.Option("--ctx", "-c", min=16, help="Context window in tokens.")]
+TempOpt = Annotated[float, typer.Option("--temp", min=0.0, max=5.0, help="Temperature; 0 is greedy (always the most likely token).")]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling: keep the smallest set of tokens with this much probability.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="Keep only the K most likely tokens (0: all).")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", "-s", help="Sampling seed (default: random).", show_default=False)]
+
+
+def _sampling(temp: float, top_p: float, top_k: int, seed: Optional[int]):
+    from ..runtime.llama import Sampling
+
+    return Sampling(temperature=temp, top_p=top_p, top_k=top_k, seed=seed)
+
+
+def _stats_line(stats) -> str:
+    return (f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tok/s | "
+            f"generation: {stats.completion_tokens} tokens, {stats.generation_tps:.1f} tok/s ({stats.finish_reason})")
+
+
+@app.command()
+def run(
+    model: ModelArg = None,
+    prompt: PromptOpt = None,
+    n_predict: Annotated[int, typer.Option("--n-predict", "-n", min=-1, help="Tokens to generate at most (-1: until the model stops or the context is full).")] = 256,
+    temp: TempOpt = 0.8,
+    top_p: TopPOpt = 0.95,
+    top_k: TopKOpt = 40,
+    seed: SeedOpt = None,
+    ctx: CtxOpt = 4096,
+    threads: ThreadsOpt = 0,
+    chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as one user turn through the model's chat template.")] = False,
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt (with --chat).", show_default=False)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate from a prompt, streaming tokens to the terminal, then print tokens/s (llama-cli -p)."""
+    from ..serve.session import ChatSession, load, run_prompt
+    from ..store import resolve_model
+
+    path = resolve_model(model)
+    if prompt is None and sys.stdin.isatty() and not as_json:
+        m = load(path, ctx=ctx, threads=threads or None)
+        _chat_loop(ChatSession(m, _sampling(temp, top_p, top_k, seed), n_predict, system), path)
+        return
+    if prompt is None:
+        prompt = sys.stdin.read()
+    m = load(path, ctx=ctx, threads=threads or None)
+    stream = run_prompt(m, prompt, max_tokens=n_predict, sampling=_sampling(temp, top_p, top_k, seed),
+                        chat=chat, system=system)
+    interrupted = False
+    try:
+        for piece in stream:
+            if not as_json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+    if as_json:
+        s = stream.stats
+        _print_json({"model": str(path), "text": stream.text, "tokens": stream.tokens,
+                     "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+                     "finish_reason": "interrupted" if interrupted else s.finish_reason,
+                     "prompt_tps": s.prompt_tps, "generation_tps": s.generation_tps, "threads": m.threads})
+    else:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        err.print(_stats_line(stream.stats) + (" — interrupted" if interrupted else ""), highlight=False, style="dim")
+    if interrupted:
+        raise typer.Exit(130)
+
+
+@app.command()
+def chat(
+    model: ModelArg = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt.", show_default=False)] = None,
+    n_predict: Annotated[int, typer.Option("--n-predict", "-n", min=-1, help="Tokens per answer at most (-1: until the model stops).")] = -1,
+    temp: TempOpt = 0.8,
+    top_p: TopPOpt = 0.95,
+    top_k: TopKOpt = 40,
+    seed: SeedOpt = None,
+    ctx: CtxOpt = 4096,
+    threads: ThreadsOpt = 0,
+) -> None:
+    """Chat with a model in the terminal, using its own chat template (/bye to leave, /? for help)."""
+    from ..serve.session import ChatSession, load
+    from ..store import resolve_model
+
+    path = resolve_model(model)
+    m = load(path, ctx=ctx, threads=threads or None)
+    _chat_loop(ChatSession(m, _sampling(temp, top_p, top_k, seed), n_predict, system), path)
+
+
+def _chat_loop(session, path) -> None:
+    from ..runtime.chat import ChatTemplateError
+    from ..serve.session import repl
+
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _readline_history()
+    try:  # render once up front, so a bad or hostile template is refused before the first message
+        session.model.format_chat(session.messages("hello"))
+    except ChatTemplateError as exc:
+        raise LlmquantError(f"{path}: {exc}") from None
+    if session.model.chat_template is None:
+        err.print("[yellow]this model has no chat template; using ChatML[/yellow]")
+    if interactive:
+        err.print(f"[dim]{path.name} · /? for help, /bye or Ctrl-D to leave[/dim]", highlight=False)
+
+    def read(prompt: str) -> str:
+        if interactive:
+            return input(prompt)
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\n")
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def note(text: str) -> None:
+        err.print(text, style="dim", highlight=False, markup=False)
+
+    try:
+        repl(session, read, write, note)
+    except ChatTemplateError as exc:
+        raise LlmquantError(str(exc)) from None
+
+
+def _readline_history() -> None:
+    """Arrow-key editing and a history of past messages kept in $LLMQUANT_HOME/chat_history."""
+    try:
+        import atexit
+        import readline
+
+        from ..store import home
+    except ImportError:
+        return
+    path = home() / "chat_history"
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+        except OSError:
+            pass
+
+    atexit.register(save)
+
+
+# -- serve -------------------------------------------------------------------------------------------------
+@app.command()
+def serve(
+    model: ModelArg = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: any free port).")] = 8080,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LLMQUANT_API_KEY", help="Require Authorization: Bearer KEY (or set LLMQUANT_API_KEY).", show_default=False)] = None,
+    ctx: CtxOpt = 4096,
+    parallel: Annotated[int, typer.Option("--parallel", "-np", min=1, max=64, help="Requests generated at once (each slot has its own context); more wait in line.")] = 1,
+    threads: Annotated[int, typer.Option("--threads", "-t", min=0, help="Threads per slot (0: cores / parallel).")] = 0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (chat, completions, embeddings, models)."""
+    from ..models import DEFAULT_MODEL_NAME
+    from ..serve.app import bind, is_loopback, load_state
+    from ..serve.app import serve as run_server
+    from ..store import resolve_model
+
+    path = resolve_model(model)
+    if model is None or model in (DEFAULT_MODEL_NAME, "default"):
+        model_id = DEFAULT_MODEL_NAME
+    elif Path(model).expanduser().exists():
+        model_id = path.stem
+    else:
+        from ..store import get
+
+        model_id = get(model).name
+    sock = bind(host, port)
+    if not is_loopback(host) and not api_key:
+        err.print(f"[yellow]warning: listening on {host} without --api-key: anyone who can reach it can use it[/yellow]")
+    state = load_state(path, model_id, n_ctx=ctx, parallel=parallel, threads=threads or None, api_key=api_key,
+                       aliases={model or DEFAULT_MODEL_NAME, "default" if model is None else model_id})
+
+    def announce(url: str) -> None:
+        out.print(f"serving {model_id} on {url}/v1 ({parallel} slot{'s' if parallel > 1 else ''}, "
+                  f"context {ctx}, {state.threads} thread{'s' if state.threads > 1 else ''} per slot"
+                  f"{', API key required' if api_key else ''}) — Ctrl-C to stop", highlight=False, soft_wrap=True)
+        sys.stdout.flush()
+
+    run_server(state, sock, log_level="info" if verbose else "warning", announce=announce)
+
+
+# -- bench -------------------------------------------------------------------------------------------------
+@app.command()
+def bench(
+    model: ModelArg = None,
+    n_prompt: Annotated[int, typer.Option("--n-prompt", "-p", min=0, help="Prompt tokens for the pp test (0: skip).")] = 512,
+    n_gen: Annotated[int, typer.Option("--n-gen", "-n", min=0, help="Generated tokens for the tg test (0: skip).")] = 128,
+    repetitions: Annotated[int, typer.Option("--repetitions", "-r", min=1, help="Repetitions of each test.")] = 3,
+    threads: ThreadsOpt = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Prompt-processing and generation speed (tokens/s, mean ± stddev) in llama-bench's columns."""
+    from ..measure.bench import bench_model, bench_rows
+    from ..store import resolve_model
+
+    path = resolve_model(model)
+    result = bench_model(path, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, threads=threads or None)
+    rows = bench_rows(result)
+    if as_json:
+        _print_json({**result.to_dict(), "rows": rows})
+        return
+    cols = [("model", "l"), ("size", "r"), ("params", "r"), ("backend", "l"), ("threads", "r"), ("test", "r"), ("t/s", "r")]
+    cells = [[r["model"], r["size"], r["params"], r["backend"], str(r["threads"]), r["test"], r["t/s"]] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, (c, _) in enumerate(cols)]
+
+    def fmt(values: list[str]) -> str:
+        return "| " + " | ".join(v.rjust(w) if a == "r" else v.ljust(w) for v, w, (_, a) in zip(values, widths, cols)) + " |"
+
+    lines = [fmt([c for c, _ in cols]),
+             "| " + " | ".join(("-" * (w - 1) + ":") if a == "r" else "-" * w for w, (_, a) in zip(widths, cols)) + " |"]
+    sys.stdout.write("\n".join(lines + [fmt(row) for row in cells]) + "\n")  # markdown, never wrapped
