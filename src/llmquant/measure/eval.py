@@ -93,6 +93,14 @@ def _shifted_lse(z: np.ndarray, buf: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return m, np.log(e.sum(axis=1))
 
 
+def _nll(z: np.ndarray, m: np.ndarray, lse: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log p(target) = lse - (z_t - m), in the same operations as the base's ``-logp[target]``
+    (``logp = (z - m) - lse``): z_t - m is exact in float64, and a - b = -(b - a) in IEEE arithmetic,
+    so identical logits give bit-identical NLLs for model and base (ΔPPL exactly 0). The algebraically
+    equal ``(m + lse) - z_t`` rounds twice and differs from it in the last bit."""
+    return lse - (z[np.arange(z.shape[0]), targets].astype(np.float64) - m)
+
+
 def token_nll(logits: np.ndarray, targets: np.ndarray, *, threads: int = 1) -> np.ndarray:
     """-log p(target) for each row of ``logits`` (n, n_vocab): float64 (n,)."""
     logits, targets = _check(logits, targets)
@@ -102,7 +110,7 @@ def token_nll(logits: np.ndarray, targets: np.ndarray, *, threads: int = 1) -> n
     def work(lo: int, hi: int) -> None:
         z = logits[lo:hi]
         m, lse = _shifted_lse(z, np.empty((hi - lo, n_vocab)))
-        nll[lo:hi] = m + lse - z[np.arange(hi - lo), targets[lo:hi]]
+        nll[lo:hi] = _nll(z, m, lse, targets[lo:hi])
 
     _in_blocks(n, threads, work)
     return nll
@@ -210,7 +218,7 @@ def compare(base: BaseProbs, logits: np.ndarray, targets: np.ndarray, *, threads
         lse = np.log(buf.sum(axis=1))
         # KL = sum p (log p - (z - m - lse)) = sum p log p - sum p (z - m) + lse * sum p
         kld[lo:hi] = base.sum_p_logp[lo:hi] - p_shifted + lse * base.sum_p[lo:hi]
-        nll[lo:hi] = m + lse - z[np.arange(hi - lo), targets[lo:hi]]
+        nll[lo:hi] = _nll(z, m, lse, targets[lo:hi])
         top[lo:hi] = z.argmax(axis=1)
 
     _in_blocks(n, threads, work)
