@@ -76,6 +76,7 @@ def f16(work) -> Path:
     return work / "model-f16.gguf"
 
 
+@pytest.mark.slow
 def test_convert_seed_command(f16, work, tmp_path):
     from llmquant.convert import convert_model
 
@@ -95,6 +96,7 @@ def q4km(f16, work) -> Path:
     return work / "model-q4_k_m.gguf"
 
 
+@pytest.mark.slow
 def test_quantize_seed_command_equals_llama_quantize(q4km, f16, tmp_path):
     from gguf import LlamaFileType
 
@@ -111,6 +113,7 @@ def test_quantize_seed_command_equals_llama_quantize(q4km, f16, tmp_path):
         assert {t.type.name for t in a.tensors} >= {"Q4_K", "Q6_K"}
 
 
+@pytest.mark.slow
 def test_quantize_positional_type_threads_and_default_output(f16, work):
     # SRC TYPE THREADS: llama-quantize writes ggml-model-TYPE.gguf beside SRC
     r = llmquant("quantize", "model-f16.gguf", "Q8_0", "2", cwd=work)
@@ -120,8 +123,9 @@ def test_quantize_positional_type_threads_and_default_output(f16, work):
 
 
 # -- llama-cli -m model.gguf -p "..." -n 512 --temp 0.7 -ngl 99 --------------------------------------------
+@pytest.mark.slow
 def test_run_seed_command(q4km, work):
-    r = llmquant("run", "-m", "model-q4_k_m.gguf", "-p", "Once upon a time", "-n", "512", "--temp", "0.7",
+    r = llmquant("run", "-m", "model-q4_k_m.gguf", "-p", "Once upon a time", "-n", "32", "--temp", "0.7",
                  "-ngl", "99", cwd=work)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip()) > 0
@@ -142,6 +146,7 @@ def test_run_seed_command(q4km, work):
 
 
 # -- llama-server -m model.gguf --host 0.0.0.0 --port 8080 -ngl 99 -c 8192 ---------------------------------
+@pytest.mark.slow
 def test_serve_seed_command(q4km, work):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -181,6 +186,19 @@ def test_serve_seed_command(q4km, work):
     assert len(gpu_warnings(logged)) == (0 if gpu_build() else 1), logged
 
 
+@pytest.mark.slow
+def test_ladder_takes_ngl_to_eval_and_speed(f16, work):
+    r = llmquant("ladder", "-m", "model-f16.gguf", "--rungs", "Q8_0", "--chunks", "1", "-c", "64", "-t", "1",
+                 "-ngl", "99", "--out", "ladder-out", "--json", cwd=work)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["offload"]["n_gpu_layers"] == 99 and data["offload"]["n_layers"] == 3
+    rung = data["rungs"][0]
+    assert rung["eval"]["offload"]["n_gpu_layers"] == 99  # the evaluation's model
+    assert rung["speed"]["offload"]["n_gpu_layers"] == 99  # the speed probe's subprocess
+    assert len(gpu_warnings(r.stderr)) == (0 if gpu_build() else 1)
+
+
 # -- -ngl reaches llama.cpp; auto is fit's plan -----------------------------------------------------------
 @pytest.mark.parametrize("ngl", [0, 7, 99, -1])
 def test_ngl_arrives_in_llama_cpp_model_params(ngl):
@@ -216,6 +234,7 @@ def test_auto_is_fits_plan_for_a_catalog_machine(machine):
         assert auto_gpu_layers(preset, machine=gpu, ctx=4096) == f16.gpu_layers
 
 
+@pytest.mark.slow
 def test_auto_on_this_machine_agrees_with_the_runtime(tmp_path):
     from llmquant.cli.options import auto_gpu_layers
     from llmquant.fit.machines import this_machine, with_gpus
@@ -236,6 +255,7 @@ def test_auto_on_this_machine_agrees_with_the_runtime(tmp_path):
     assert gpu_layers_that_fit(load_spec(str(path)), mach, n_ctx=4096) == 31
 
 
+@pytest.mark.slow
 def test_bench_and_eval_report_the_layers(tmp_path):
     path = str(default_model_path())
     b = llmquant("bench", path, "-p", "8", "-n", "2", "-r", "1", "-t", "1", "-ngl", "99", cwd=tmp_path)

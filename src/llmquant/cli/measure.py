@@ -101,7 +101,7 @@ def ladder(
 def eval_(
     model: ModelArg = None,
     base: Annotated[Optional[str], typer.Option("--base", help="Reference GGUF for KL divergence (ideally the F32/F16 rendering).")] = None,
-    text: Annotated[Optional[str], typer.Option("--text", help="Text file, or folder of .txt/.md files; default: the built-in text.")] = None,
+    text: Annotated[Optional[str], typer.Option("--text", "-f", "--file", help="Text file, or folder of .txt/.md files; default: the built-in text.")] = None,
     ctx: Annotated[int, typer.Option(*CTX_NAMES, help="Tokens per chunk; the second half of each chunk is scored.")] = 512,
     chunks: Annotated[Optional[int], typer.Option("--chunks", min=1, help="Evaluate at most N chunks (default: all).")] = None,
     threads: ThreadsOpt = 0,

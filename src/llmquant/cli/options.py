@@ -22,8 +22,26 @@ class _AliasCommand(typer.core.TyperCommand):
     different values are an error naming both instead."""
 
     def parse_args(self, ctx, args: list[str]) -> list[str]:
+        args = _bare_flash_attn(self.params, args)
         _check_spellings(self.params, args)
         return super().parse_args(ctx, args)
+
+
+_FA_WORDS = {"on", "off", "auto", "1", "0", "true", "false", "yes", "no", "enabled", "disabled"}
+
+
+def _bare_flash_attn(params, args: list[str]) -> list[str]:
+    """``-fa`` alone (llama.cpp before ``-fa on|off|auto``) means on: supply the value click needs."""
+    if not any(p.name == "flash_attn" for p in params):
+        return args
+    fixed = []
+    for i, arg in enumerate(args):
+        fixed.append(arg)
+        if arg == "--":
+            return fixed + args[i + 1:]
+        if arg in ("-fa", "--flash-attn") and (i + 1 == len(args) or args[i + 1].strip().lower() not in _FA_WORDS):
+            fixed.append("on")
+    return fixed
 
 
 def _check_spellings(params, args: list[str]) -> None:
@@ -92,7 +110,7 @@ NglOpt = Annotated[str, typer.Option(*NGL_NAMES, metavar="N|all|auto", help="Lay
 BatchOpt = Annotated[int, typer.Option(*BATCH_NAMES, min=1, help="Prompt tokens per llama.cpp batch (n_batch).")]
 MlockOpt = Annotated[bool, typer.Option("--mlock", help="Keep the weights in RAM (no swapping out).")]
 NoMmapOpt = Annotated[bool, typer.Option("--no-mmap", help="Read the weights into memory instead of memory-mapping the file.")]
-FlashAttnOpt = Annotated[Optional[str], typer.Option("--flash-attn", "-fa", metavar="on|off|auto", flag_value="on", help="Flash attention: on, off or auto (bare -fa: on).", show_default=False)]
+FlashAttnOpt = Annotated[Optional[str], typer.Option("--flash-attn", "-fa", metavar="on|off|auto", help="Flash attention: on, off or auto (bare -fa: on).", show_default=False)]
 CacheTypeKOpt = Annotated[Optional[str], typer.Option("--cache-type-k", "-ctk", help="KV cache type for K: f16, bf16, f32, q8_0, q4_0.", show_default=False)]
 CacheTypeVOpt = Annotated[Optional[str], typer.Option("--cache-type-v", "-ctv", help="KV cache type for V (quantized V turns on flash attention).", show_default=False)]
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..errors import LlmquantError
+from ..errors import LlmquantError, OptionError
 from ..system import default_threads
 from .options import (
     JsonOpt,
@@ -108,7 +108,7 @@ def quantize(
     from ..store import resolve_model
 
     paths, pos_type, pos_threads = _llama_quantize_args(paths or [], dry_run)
-    qtype = pick(("TYPE", pos_type), ("--type", qtype)) or "Q8_0"
+    qtype = pick(("TYPE", pos_type and pos_type.upper()), ("--type", qtype and qtype.upper())) or "Q8_0"
     threads = int(pick(("THREADS", pos_threads), ("--threads", str(threads) if threads else None)) or 0)
     if len(paths) > 2 or (not paths and not dry_run):
         raise LlmquantError("expected [SRC] DST: an optional source model and the output file")
@@ -176,7 +176,7 @@ def _llama_quantize_args(args: list[str], dry_run: bool) -> tuple[list[str], Opt
             continue
         paths, rest = args[:k], args[k + 1:]
         if len(rest) > 1 or (rest and not rest[0].isdigit()):
-            raise LlmquantError(f"after TYPE {arg} only THREADS may follow (a number), not {' '.join(rest)!r}")
+            raise OptionError("THREADS", f"after TYPE {arg} only a number of threads may follow, not {' '.join(rest)!r}")
         if len(paths) == 1 and not dry_run:
             src = Path(paths[0])
             paths = [paths[0], str(src.parent / f"ggml-model-{ftype_name(ftype)}.gguf")]

@@ -87,7 +87,7 @@ def probe(path: str | Path, **kwargs) -> SpeedResult:
     if kwargs.get("options") is not None and not isinstance(kwargs["options"], dict):
         kwargs["options"] = kwargs["options"].to_dict()
     args = json.dumps({"path": str(path), **kwargs})
-    proc = subprocess.run([sys.executable, "-m", "llmquant.bench", args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "llmquant.measure.bench", args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"speed probe of {path} failed: {proc.stderr.strip()[-500:]}")
     return SpeedResult(**json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -563,10 +563,10 @@ def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks:
                 seconds[k] += time.perf_counter() - t0
             if progress is not None:
                 progress(i + 1, n_chunk)
+        offloads = [m.offload.to_dict() for m in models]
 
     wall = time.perf_counter() - t_start
     results = []
-    offloads = [m.offload.to_dict() for m in models]
     for path, s, sec, offload in zip(paths, stats, seconds, offloads):
         summary = s.summary()
         notes = []
