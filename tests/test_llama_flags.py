@@ -305,3 +305,17 @@ def test_bad_ngl_is_one_clear_error():
     for bad in ("-3", "many"):
         with pytest.raises(OptionError, match="n-gpu-layers"):
             parse_gpu_layers(bad)
+
+
+def test_flash_attn_bare_or_with_a_value():
+    import typer.main
+
+    from llmquant.cli import app
+    from llmquant.cli.options import _bare_flash_attn, parse_flash_attn
+
+    params = typer.main.get_command(app).commands["run"].params
+    assert _bare_flash_attn(params, ["-fa", "-ngl", "99"]) == ["-fa", "on", "-ngl", "99"]
+    assert _bare_flash_attn(params, ["-p", "x", "-fa"]) == ["-p", "x", "-fa", "on"]
+    assert _bare_flash_attn(params, ["--flash-attn", "off"]) == ["--flash-attn", "off"]
+    assert _bare_flash_attn(params, ["-p", "-fa", "-n", "4"]) == ["-p", "-fa", "-n", "4"]  # a prompt "-fa"
+    assert [parse_flash_attn(v) for v in ("on", "off", "auto", None)] == [True, False, None, None]

@@ -34,12 +34,15 @@ def _bare_flash_attn(params, args: list[str]) -> list[str]:
     """``-fa`` alone (llama.cpp before ``-fa on|off|auto``) means on: supply the value click needs."""
     if not any(p.name == "flash_attn" for p in params):
         return args
-    fixed = []
+    takes_value = {o for p in params if p.param_type_name == "option" and not p.is_flag for o in p.opts}
+    fixed: list[str] = []
     for i, arg in enumerate(args):
+        is_value = i > 0 and args[i - 1] in takes_value and args[i - 1] not in ("-fa", "--flash-attn")
         fixed.append(arg)
-        if arg == "--":
+        if arg == "--" and not is_value:
             return fixed + args[i + 1:]
-        if arg in ("-fa", "--flash-attn") and (i + 1 == len(args) or args[i + 1].strip().lower() not in _FA_WORDS):
+        if not is_value and arg in ("-fa", "--flash-attn") and (
+                i + 1 == len(args) or args[i + 1].strip().lower() not in _FA_WORDS):
             fixed.append("on")
     return fixed
 
