@@ -97,3 +97,12 @@ class UnsafeFormatError(LlmquantError):
     def __init__(self, path: object, problem: str):
         self.path = path
         super().__init__(f"{path}: {problem}")
+
+
+class OptionError(LlmquantError):
+    """A command-line option with a value it cannot take, or two spellings of one option (ours and
+    llama.cpp's, or a positional argument and its option) given different values."""
+
+    def __init__(self, option: str, problem: str):
+        self.option = option
+        super().__init__(f"{option}: {problem}")

@@ -766,6 +766,22 @@ def fit(spec: ModelSpec, machine: Machine, *, n_ctx: int | None = None, kv_type:
     return FitReport(spec, machine, ctx, task, rungs, rec, warnings)
 
 
+def gpu_layers_that_fit(spec: ModelSpec, machine: Machine, *, n_ctx: int | None = None, kv_type: str = "f16",
+                        n_batch: int = 512, ftype: str | None = None) -> int:
+    """llama.cpp's ``--gpu-layers`` for ``spec`` (its own type, or ``ftype``) on ``machine``, as ``fit``
+    plans it: 0 on a CPU-only machine; every layer and the output (n_layer + 1) on Apple silicon, whose
+    GPU shares the memory; on CUDA GPUs the most layers whose weights, KV cache and compute buffer fit
+    in VRAM (``_gpu_offload``). This is what ``-ngl auto`` asks llama.cpp for."""
+    if machine.kind == "cpu":
+        return 0
+    if machine.kind == "apple":
+        return spec.n_layer + 1
+    name = ftype_name(parse_ftype(ftype or spec.file_type or "F16"))
+    report = fit(spec, machine, n_ctx=n_ctx, kv_type=kv_type, n_batch=n_batch, ladder=[name])
+    rung = next(r for r in report.rungs if r.ftype == name)
+    return int(rung.gpu_layers or 0)
+
+
 def resolve_machine(machine: str | None = None, ram: str | None = None, vram: str | None = None) -> Machine:
     """``--machine NAME`` (catalog or ``this``), or ``--ram SIZE [--vram SIZE]``; default ``this``."""
     from .machines import custom_machine, find_machine, parse_size

@@ -67,6 +67,7 @@ class LadderResult:
     notes: list[str]
     seconds: float
     out_dir: str
+    offload: dict | None = None  # runtime.llama.Offload.to_dict(): layers on GPU / CPU in eval and speed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,7 +108,9 @@ def run_ladder(
     fit_ctx: int | None = None,
     machine: str = "this",
     step: Step | None = None,
+    options=None,
 ) -> LadderResult:
+    """``options``: a runtime.llama.LoadOptions (GPU layers, ...) for evaluation and speed."""
     from .eval import evaluate_many
 
     t0 = time.perf_counter()
@@ -152,7 +155,8 @@ def run_ladder(
         results.append(_rung(name, path, q, reused))
     step("evaluate against the base", None)
     evals = evaluate_many([Path(r.path) for r in results], base_path, text=text, ctx=ctx, chunks=chunks,
-                          threads=threads, progress=lambda done, total: step(f"evaluate chunk {done}/{total}", done / max(total, 1)))
+                          threads=threads, progress=lambda done, total: step(f"evaluate chunk {done}/{total}", done / max(total, 1)),
+                          options=options)
     for r, e in zip(results, evals):
         r.eval = e.to_dict()
     if speed:
@@ -160,7 +164,7 @@ def run_ladder(
 
         for i, r in enumerate(results):
             step(f"speed {r.name}", i / len(results))
-            r.speed = probe(r.path, n_prompt=128, n_gen=32, repetitions=2, threads=threads).to_dict()
+            r.speed = probe(r.path, n_prompt=128, n_gen=32, repetitions=2, threads=threads, options=options).to_dict()
     step("fit: memory on this machine", None)
     machine_info, fit_ctx = _fit_rungs(src, results, fit_ctx or min(trained_ctx, 8192), machine, notes)
     inversions = find_inversions(results, source_type if source_was_quantized else None)
@@ -172,7 +176,7 @@ def run_ladder(
         ctx=ctx, chunks=evals[0].n_chunks if evals else chunks, text=text_name, threads=threads, rungs=results,
         inversions=inversions, recommendation=recommendation, reasons=reasons, notes=notes,
         machine=machine_info, fit_ctx=fit_ctx,
-        seconds=time.perf_counter() - t0, out_dir=str(out),
+        seconds=time.perf_counter() - t0, out_dir=str(out), offload=evals[0].offload if evals else None,
     )
 
 

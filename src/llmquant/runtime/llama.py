@@ -7,10 +7,11 @@ token batch (for eval). llama.cpp's own log output is silenced unless ``verbose`
 from __future__ import annotations
 
 import codecs
+import ctypes
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -189,14 +190,22 @@ class Model:
         flash_attn: bool = False,
         vocab_only: bool = False,
         kv_type: str | None = None,
+        type_k: str | None = None,
+        type_v: str | None = None,
+        n_gpu_layers: int = 0,
+        use_mlock: bool = False,
     ):
         import llama_cpp
         from llama_cpp import Llama
 
-        # KV cache type ("f16", "q8_0", "q4_0"); llama.cpp needs flash attention for a quantized V cache
-        kv = {} if kv_type is None else {"type_k": _kv_ggml_type(kv_type), "type_v": _kv_ggml_type(kv_type)}
-        if kv_type is not None and kv_type.lower() not in ("f16", "f32", "bf16"):
+        # KV cache types ("f16", "q8_0", "q4_0"; kv_type sets both, type_k/type_v one each, as -ctk/-ctv);
+        # llama.cpp needs flash attention for a quantized V cache
+        type_k, type_v = type_k or kv_type, type_v or kv_type
+        kv = {**({"type_k": _kv_ggml_type(type_k)} if type_k else {}), **({"type_v": _kv_ggml_type(type_v)} if type_v else {})}
+        if type_v is not None and type_v.lower() not in ("f16", "f32", "bf16"):
             flash_attn = True
+        if n_gpu_layers < -1:
+            raise ValueError(f"n_gpu_layers {n_gpu_layers}: expected a number of layers >= 0, or -1 for all")
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -214,7 +223,8 @@ class Model:
                     model_path=str(self.path), n_ctx=n_ctx, n_threads=default_threads(threads),
                     n_threads_batch=default_threads(threads), n_batch=n_batch, logits_all=logits_all,
                     use_mmap=use_mmap, embedding=embedding, seed=seed, verbose=verbose,
-                    flash_attn=flash_attn, vocab_only=vocab_only, **kv, **pooled,
+                    flash_attn=flash_attn, vocab_only=vocab_only, n_gpu_layers=n_gpu_layers,
+                    use_mlock=use_mlock, **kv, **pooled,
                 )
         except ValueError as exc:  # llama-cpp-python raises ValueError("Failed to load model ...")
             raise ModelFileError(self.path, f"llama.cpp cannot load it: {exc}") from None
@@ -222,6 +232,19 @@ class Model:
     @property
     def n_vocab(self) -> int:
         return self._llm.n_vocab()
+
+    @property
+    def offload(self) -> "Offload":
+        """Where the layers went, read back from the loaded model: the n_gpu_layers its params carry and
+        its layer count, placed as llama.cpp's ``load_tensors`` places them (the last layers and the
+        output layer on the GPU devices, none without one)."""
+        import llama_cpp
+
+        requested = int(self._llm._model.params.n_gpu_layers)
+        n_layers = int(llama_cpp.llama_model_n_layer(self._llm._model.model)) + 1  # + the output layer
+        devices = gpu_devices()
+        want = n_layers if requested < 0 else requested
+        return Offload(requested, n_layers, min(want, n_layers) if devices else 0, tuple(d.name for d in devices))
 
     @property
     def n_ctx(self) -> int:
@@ -488,6 +511,113 @@ class Model:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model, as llama.cpp's common options say it (-ngl, --no-mmap, --mlock, -fa, -ctk,
+    -ctv); None leaves the caller's default. ``n_gpu_layers``: -1 = every layer."""
+
+    n_gpu_layers: int = 0
+    use_mmap: bool = True
+    use_mlock: bool = False
+    flash_attn: bool | None = None
+    type_k: str | None = None
+    type_v: str | None = None
+
+    def model_kwargs(self, **defaults: Any) -> dict[str, Any]:
+        """Keyword arguments for ``Model``: these options over the caller's ``defaults``."""
+        mine = {"n_gpu_layers": self.n_gpu_layers, "use_mmap": self.use_mmap, "use_mlock": self.use_mlock,
+                "flash_attn": self.flash_attn, "type_k": self.type_k, "type_v": self.type_v}
+        return {**defaults, **{k: v for k, v in mine.items() if v is not None}}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GpuDevice:
+    name: str  # ggml's device name: CUDA0, Metal, Vulkan0, ...
+    description: str  # e.g. "NVIDIA GeForce RTX 4090", "Apple M2"
+    integrated: bool  # shares host memory (Apple silicon, iGPUs)
+    free: int  # bytes
+    total: int
+
+
+def gpu_devices() -> list[GpuDevice]:
+    """The GPU devices this llama-cpp-python build can offload to (none on a CPU-only build), from
+    ggml's device registry; llama.cpp uses the dedicated GPUs, or the integrated ones if there are none."""
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload():
+        return []
+    lib = _ggml()
+    found = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        kind = lib.ggml_backend_dev_type(dev)
+        if kind not in (_DEV_GPU, _DEV_IGPU):
+            continue
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        found.append(GpuDevice(lib.ggml_backend_dev_name(dev).decode(), lib.ggml_backend_dev_description(dev).decode(),
+                               kind == _DEV_IGPU, free.value, total.value))
+    dedicated = [d for d in found if not d.integrated]
+    return dedicated or found
+
+
+_DEV_GPU, _DEV_IGPU = 1, 2  # enum ggml_backend_dev_type (ggml-backend.h)
+
+
+def _ggml() -> ctypes.CDLL:
+    """libggml of the installed llama-cpp-python (its device registry), with the prototypes used here."""
+    from .reference import _load
+
+    lib = _load("ggml")
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_type.restype = ctypes.c_int
+    for fn in (lib.ggml_backend_dev_name, lib.ggml_backend_dev_description):
+        fn.argtypes = [ctypes.c_void_p]
+        fn.restype = ctypes.c_char_p
+    lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    lib.ggml_backend_dev_memory.restype = None
+    return lib
+
+
+def gpu_offload_supported() -> bool:
+    """Whether this llama-cpp-python build has a GPU backend (CUDA, Metal, Vulkan, ...) with a device."""
+    return bool(gpu_devices())
+
+
+@dataclass(frozen=True)
+class Offload:
+    """How a loaded model's layers are split between GPU devices and the CPU (llama.cpp counts the
+    output layer as one more layer: a 30-block model has 31)."""
+
+    requested: int  # n_gpu_layers as the model params carry it (-1 or more than n_layers: all)
+    n_layers: int
+    gpu_layers: int
+    devices: tuple[str, ...] = ()
+
+    @property
+    def cpu_layers(self) -> int:
+        return self.n_layers - self.gpu_layers
+
+    def describe(self) -> str:
+        """"31 layers on CPU", "31 layers on CUDA0", "20 layers on CUDA0, 11 on CPU"."""
+        gpu = "+".join(self.devices) or "GPU"
+        if self.gpu_layers == 0:
+            return f"{self.n_layers} layers on CPU"
+        if self.cpu_layers == 0:
+            return f"{self.n_layers} layers on {gpu}"
+        return f"{self.gpu_layers} layers on {gpu}, {self.cpu_layers} on CPU"
+
+    def to_dict(self) -> dict:
+        return {"n_gpu_layers": self.requested, "n_layers": self.n_layers, "gpu_layers": self.gpu_layers,
+                "cpu_layers": self.cpu_layers, "devices": list(self.devices), "placement": self.describe()}
 
 
 _KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}  # ggml_type values
