@@ -1,4 +1,4 @@
-"""llmquant.eval: statistics against a plain numpy reference written from the definitions, the
+"""llmquant.measure.eval: statistics against a plain numpy reference written from the definitions, the
 chunking of llama-perplexity, lockstep evaluation of several models, and input validation."""
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ llama-cpp-python 0.3.36):
   interleaved anonymous buffer; the mmap'd pages they came from stay resident until the kernel
   needs them back, so peak RSS counts them twice while the requirement counts them once;
 - runtime overhead: the Python interpreter + llama-cpp-python import baseline, the loader's fixed
-  cost and the tokenizer tables, measured (``python -m llmquant.memprobe``) and documented below.
+  cost and the tokenizer tables, measured (``python -m llmquant.measure.memprobe``) and documented below.
 
 The prediction is checked against the peak RSS of a real llama-cpp-python process in
 tests/test_fit.py.
@@ -57,7 +57,7 @@ UBATCH_MAX = 512  # llama-cpp-python: n_ubatch = min(n_batch, 512)
 GGUF_ALIGNMENT = 32
 
 # Runtime overhead, measured on this project's reference environment (CPython 3.11, numpy 2,
-# llama-cpp-python 0.3.36, x86-64 Linux) with ``python -m llmquant.memprobe --baseline`` and loads
+# llama-cpp-python 0.3.36, x86-64 Linux) with ``python -m llmquant.measure.memprobe --baseline`` and loads
 # of SmolLM2-135M and tokenizer-less test models (tests/test_fit.py re-measures the baseline):
 RUNTIME_BASELINE = int(42.4 * MiB)  # interpreter + numpy + ``import llama_cpp`` (ggml/llama shared libraries)
 LOAD_FIXED = int(7.5 * MiB)  # loader: shared-library pages touched by a load, thread stack, graph metadata
