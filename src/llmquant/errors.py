@@ -97,3 +97,8 @@ class UnsafeFormatError(LlmquantError):
     def __init__(self, path: object, problem: str):
         self.path = path
         super().__init__(f"{path}: {problem}")
+
+
+class CalibrationError(LlmquantError):
+    """Calibration cannot run as asked: too little text, an empty folder, a model without
+    ``blk.*`` matrix multiplications, imatrix files that do not fit the model."""
