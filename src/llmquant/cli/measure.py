@@ -35,6 +35,7 @@ def ladder(
     machine: Annotated[str, typer.Option("--machine", help="Machine to fit on (see llmquant fit --machine list).")] = "this",
     threads: ThreadsOpt = 0,
     name: Annotated[Optional[str], typer.Option("--name", help="Also store every rung as NAME[:TAG]-RUNG (e.g. smollm2:135m -> smollm2:135m-q4_k_m).", show_default=False)] = None,
+    imatrix: Annotated[Optional[str], typer.Option("--imatrix", help="Also make every K/legacy rung with an importance matrix (rows RUNG+imat): a file, or 'auto' (collected on the shipped calibration text into --out, reused while current).", show_default=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The main job: quantize to every rung, measure quality loss, size and speed, and recommend one."""
@@ -47,6 +48,8 @@ def ladder(
 
         for r in names:
             parse_name(rung_name(name, r))  # a bad name fails before any work
+            if imatrix:
+                parse_name(rung_name(name, f"{r}-imat"))
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
                   transient=True, disable=as_json) as bar:
         task = bar.add_task("ladder", total=1.0)
@@ -56,13 +59,13 @@ def ladder(
 
         result = run_ladder(model, rungs=names, out_dir=out_dir, text=text, ctx=ctx, chunks=chunks,
                             threads=threads or None, speed=not no_speed, fit_ctx=fit_ctx, machine=machine,
-                            step=step)
+                            step=step, imatrix=imatrix)
     paths = write_all(result, out_dir)
     stored = []
     if name:
         from ..store import register, rung_name
 
-        stored = [register(r.path, rung_name(name, r.name)).name for r in result.rungs]
+        stored = [register(r.path, rung_name(name, r.name.replace("+", "-"))).name for r in result.rungs]
     if as_json:
         _print_json({**result.to_dict(), "outputs": paths, **({"stored_as": stored} if stored else {})})
         return
