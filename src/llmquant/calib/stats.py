@@ -9,8 +9,9 @@ one row of sums per expert; the text tokenized with BOS as the vocabulary asks, 
 
 The forward pass itself is the runtime's (dependency injection, calib imports no runtime): a
 *tap* with ``select`` / ``sink`` attributes, ``tokenize``, ``add_bos``, ``bos``, ``n_seq`` and
-``decode_chunks`` (``llmquant.runtime.llama.MatmulTap``). Sums are kept in float64 (llama-imatrix
-adds float32 one token at a time; ours is the more exact of the two) and written as float32.
+``decode_chunks`` (``llmquant.runtime.llama.MatmulTap``). Sums are float32 added one token at a
+time, as ``acc[j] += x[j] * x[j]`` in imatrix.cpp compiles with -march=native (fused multiply-add:
+one rounding per token), so that the file holds llama-imatrix's own numbers.
 """
 
 from __future__ import annotations
@@ -22,11 +23,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numba import njit
 
 from ..errors import CalibrationError
 
 # imatrix.cpp: "why are small batches ignored (<16 tokens)?"
 MIN_ROWS = 16
+
+
+@njit(nogil=True, cache=True)
+def _add_squares(acc, rows):  # pragma: no cover - compiled
+    """acc[j] = fma(x, x, acc[j]) for each row x in order: float32 with one rounding per step
+    (the float64 sum of a float32 square, exact in float64, and a float32 rounds once more only
+    on a double-rounding tie)."""
+    n, m = rows.shape
+    for i in range(n):
+        for j in range(m):
+            x = np.float64(rows[i, j])
+            acc[j] = np.float32(np.float64(acc[j]) + x * x)
 
 
 @dataclass
@@ -77,7 +91,7 @@ class ImatrixStats:
     def _entry(self, name: str, n_mat: int, ne0: int, n_counts: int) -> Entry:
         e = self.entries.get(name)
         if e is None:
-            e = self.entries[name] = Entry(np.zeros((n_mat, ne0)), np.zeros(n_counts, dtype=np.int64))
+            e = self.entries[name] = Entry(np.zeros((n_mat, ne0), dtype=np.float32), np.zeros(n_counts, dtype=np.int64))
         elif e.sums.size != n_mat * ne0:
             raise CalibrationError(
                 f"tensor {name!r}: {e.sums.size} sums collected (or merged) so far, but the model gives "
@@ -94,15 +108,10 @@ class ImatrixStats:
         e = self._entry(name, n_mat, ne0, 1)
         if e.counts.size > 1 and (e.counts == e.counts[0]).all():
             e.counts = e.counts[:1].copy()  # one count per dense tensor (merging older 3-D files)
-        if n_mat == 1:
-            rows = x.reshape(-1, ne0) if x.flags.c_contiguous else x.reshape(-1, ne0).copy()
-            e.sums[0] += np.einsum("ij,ij->j", rows, rows, dtype=np.float64)
-        else:
-            for i3 in range(ne3):
-                for i2 in range(ne2):
-                    m = (i3 % w3) * w2 + (i2 % w2)
-                    xs = x[i3, i2]
-                    e.sums[m] += np.einsum("ij,ij->j", xs, xs, dtype=np.float64)
+        for i3 in range(ne3):
+            for i2 in range(ne2):
+                m = (i3 % w3) * w2 + (i2 % w2)
+                _add_squares(e.sums[m], x[i3, i2])
         _check_finite(name, e.sums)
         e.counts += (ne1 * ne2 * ne3) // n_mat
 
@@ -119,23 +128,19 @@ class ImatrixStats:
         if ex_all.size and (ex_all.min() < 0 or ex_all.max() >= n_as):
             raise CalibrationError(f"tensor {name!r}: expert id outside 0..{n_as - 1} in the routing")
         touched = np.zeros(n_as, dtype=bool)
-        for idx in range(ids.shape[1]):
-            xs = x[0, :, idx % ne1, :].astype(np.float64)
+        for idx in range(ids.shape[1]):  # imatrix.cpp's loop order: expert slot, then token
+            xs = x[0, :, idx % ne1, :]
             ex = ex_all[:, idx]
-            order = np.argsort(ex, kind="stable")
-            ex_sorted = ex[order]
-            starts = np.flatnonzero(np.r_[True, ex_sorted[1:] != ex_sorted[:-1]])
-            experts = ex_sorted[starts]
-            sq = xs[order] ** 2
-            e.sums[experts] += np.add.reduceat(sq, starts, axis=0)
+            for expert in np.unique(ex):
+                _add_squares(e.sums[expert], xs[ex == expert])
             e.counts += np.bincount(ex, minlength=n_as)
-            touched[experts] = True
+            touched[np.unique(ex)] = True
         _check_finite(name, e.sums[touched])
 
     # -- merging (IMatrixCollector::load_imatrix) -------------------------------------------------
     def merge(self, name: str, sums: np.ndarray, counts: np.ndarray) -> None:
         """Add raw sums (n_mat * n_per_row) and counts (n_mat) of an earlier file."""
-        sums = np.asarray(sums, dtype=np.float64).reshape(-1)
+        sums = np.asarray(sums, dtype=np.float32).reshape(-1)
         counts = np.asarray(counts, dtype=np.int64).reshape(-1)
         e = self.entries.get(name)
         if e is None:

@@ -32,7 +32,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
 from ..errors import DestinationError, ModelFileError, TensorDataError
 from ..formats import get_format
 from .recipes import _TOKEN_EMBD_NAMES, TensorPlan, ftype_name, requires_imatrix
-from .writer import TEMP_PREFIX
+from .writer import TEMP_PREFIX, _GGUFWriter
 from .header import (
     GGUF_MAGIC,
     GGUFHeader,
@@ -408,12 +408,10 @@ def _sorted_entries(entries: Mapping[str, tuple[np.ndarray, np.ndarray]]):
 
 
 def _write_gguf(tmp: Path, entries, *, datasets, chunk_count, chunk_size) -> None:
-    from gguf import GGUFWriter
-
-    w = GGUFWriter(str(tmp), "imatrix")
+    w = _GGUFWriter(str(tmp), "imatrix")  # gguf-py's writer, which also packs an empty datasets array
     w.kv_data[0].pop("general.architecture")  # imatrix.cpp writes no architecture
     w.add_string("general.type", "imatrix")
-    w.add_array("imatrix.datasets", list(datasets))
+    w.add_key_value("imatrix.datasets", list(datasets), GGUFValueType.ARRAY, sub_type=GGUFValueType.STRING)
     w.add_uint32("imatrix.chunk_count", int(chunk_count))
     w.add_uint32("imatrix.chunk_size", int(chunk_size))
     for name, sums, counts in _sorted_entries(entries):
