@@ -361,3 +361,43 @@ def test_kill_mid_run_leaves_nothing(tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["prev.gguf"]
     assert not any(x.name.startswith(TEMP_PREFIX) for x in tmp_path.iterdir())
     assert src.read_bytes() == before
+
+
+# -- --imatrix auto and the ladder's imatrix rungs ----------------------------------------------------------
+
+@pytest.mark.slow
+def test_auto_imatrix_is_reused_while_current(tmp_path):
+    """(~20 s) collected once, reused while model, text and settings are the same, collected
+    again when the text changes."""
+    from llmquant.calibrate import auto_imatrix
+
+    text = tmp_path / "calib.txt"
+    text.write_text(default_calibration_path().read_text(encoding="utf-8")[:12_000])
+    first = auto_imatrix(default_model_path(), tmp_path, text=text, chunks=2, threads=2)
+    assert not first.reused and first.path.name == f"{default_model_path().stem}.imatrix.gguf"
+    assert first.chunk_count == 2 and first.entries == 210
+    stamp = first.path.stat().st_mtime_ns
+    again = auto_imatrix(default_model_path(), tmp_path, text=text, chunks=2, threads=2)
+    assert again.reused and again.path.stat().st_mtime_ns == stamp
+    text.write_text(text.read_text() + "\nmore text")
+    third = auto_imatrix(default_model_path(), tmp_path, text=text, chunks=2, threads=2)
+    assert not third.reused
+
+
+@pytest.mark.slow
+def test_ladder_rows_with_and_without_imatrix(tmp_path):
+    """(~60 s) every K/legacy rung also made with the imatrix (RUNG+imat), a KLD gain column, the plot."""
+    from llmquant.measure.ladder import run_ladder
+    from llmquant.measure.report import columns, kld_gain, markdown, write_all
+
+    im = make_imatrix(default_model_path(), None, tmp_path / "i.gguf", chunks=2, n_batch=1024, threads=2)
+    result = run_ladder(rungs=("Q8_0", "Q4_0"), out_dir=tmp_path / "lad", chunks=2, threads=2, speed=False,
+                        imatrix=im.path)
+    assert [r.name for r in result.rungs] == ["Q8_0", "Q4_0", "Q4_0+imat"]  # Q8_0 ignores an imatrix
+    plain, imat = result.rungs[1], result.rungs[2]
+    assert Path(plain.path).read_bytes() != Path(imat.path).read_bytes()
+    assert "KLD gain" in columns(result) and "KLD gain" in markdown(result)
+    gain = kld_gain(result, "Q4_0+imat")
+    assert gain == pytest.approx(1 - imat.eval["kld_mean"] / plain.eval["kld_mean"])
+    paths = write_all(result, tmp_path / "lad")
+    assert Path(paths["png"]).stat().st_size > 10_000
