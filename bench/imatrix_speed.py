@@ -23,18 +23,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _llama_build import CACHE, build_tool  # noqa: E402
+from _llama_build import CACHE, build_tool
+from gguf import LlamaFileType
 
-from gguf import LlamaFileType  # noqa: E402
-
-from llmquant.calib.stats import default_calibration_path  # noqa: E402
-from llmquant.models import default_model_path  # noqa: E402
+from llmquant.calib.stats import default_calibration_path
+from llmquant.models import default_model_path
 
 
 def timed(cmd: list[str]) -> tuple[float, int, str]:
     """(wall seconds, peak RSS bytes, stdout) of ``cmd`` run under /usr/bin/time -v."""
     t0 = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed ({p.returncode}):\n{p.stderr[-3000:]}")
@@ -43,8 +42,8 @@ def timed(cmd: list[str]) -> tuple[float, int, str]:
 
 
 def f32_model(threads: int) -> Path:
-    from llmquant.quantize import output_is_current, quantize_model
     from llmquant.gguf.recipes import RecipeOptions
+    from llmquant.quantize import output_is_current, quantize_model
 
     dst = CACHE / "smollm2-135m-F32.gguf"
     CACHE.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,6 @@ import random
 import re
 import sys
 import sysconfig
-import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent

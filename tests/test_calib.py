@@ -18,7 +18,13 @@ import numpy as np
 import pytest
 from helpers import default_model_path
 
-from llmquant.calib.stats import ImatrixStats, collect_imatrix, default_calibration_path, plan_chunks, read_text
+from llmquant.calib.stats import (
+    ImatrixStats,
+    collect_imatrix,
+    default_calibration_path,
+    plan_chunks,
+    read_text,
+)
 from llmquant.calibrate import make_imatrix, merge_files
 from llmquant.errors import CalibrationError, DestinationError, ModelFileError
 from llmquant.gguf.imatrix import load_imatrix, load_imatrix_raw, save_imatrix

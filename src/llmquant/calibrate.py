@@ -17,7 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from .calib.stats import (
-    ImatrixStats, Progress, collect_imatrix, default_calibration_path, read_text,
+    ImatrixStats,
+    Progress,
+    collect_imatrix,
+    default_calibration_path,
+    read_text,
 )
 from .errors import CalibrationError, DestinationError
 from .gguf.imatrix import load_imatrix_raw, save_imatrix

@@ -117,7 +117,7 @@ class ImatrixStats:
 
     def _add_indirect(self, name: str, x: np.ndarray, ids: np.ndarray, n_as: int) -> None:
         # src1 [ne0, ne1 (1 or n_expert_used), n_tokens]; ids [n_expert_used, n_tokens]
-        _, n_tokens, ne1, ne0 = x.shape
+        _, _, ne1, ne0 = x.shape
         e = self.entries.get(name)
         if e is not None and e.counts.size == 1 and n_as > 1:  # broadcast, when loading an old imatrix
             e.counts = np.full(n_as, e.counts[0], dtype=np.int64)

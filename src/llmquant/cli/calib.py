@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from .options import JsonOpt, ModelArg, ThreadsOpt, _print_json, app, err, out
@@ -29,7 +35,7 @@ class _ChunkProgress:
         tps = f"{p.tokens_per_second:,.0f} tok/s" if p.seconds > 0 else ""
         self.bar.update(self.task, total=p.chunks_total, completed=p.chunks_done, tps=tps)
 
-    def __enter__(self) -> "_ChunkProgress":
+    def __enter__(self) -> _ChunkProgress:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -40,13 +46,13 @@ class _ChunkProgress:
 @app.command()
 def imatrix(
     model: ModelArg = None,
-    text: Annotated[Optional[str], typer.Option("--file", "-f", help="Calibration text: a file, or a folder of .txt/.md/.rst files (default: the shipped calibration text).", show_default=False)] = None,
+    text: Annotated[str | None, typer.Option("--file", "-f", help="Calibration text: a file, or a folder of .txt/.md/.rst files (default: the shipped calibration text).", show_default=False)] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="Output file (.gguf, or .dat for the legacy format).")] = "imatrix.gguf",
     ctx: Annotated[int, typer.Option("--ctx", "-c", min=1, help="Tokens per chunk (llama-imatrix's -c).")] = 512,
-    chunks: Annotated[Optional[int], typer.Option("--chunks", min=1, help="Use at most N chunks (default: all the text).", show_default=False)] = None,
+    chunks: Annotated[int | None, typer.Option("--chunks", min=1, help="Use at most N chunks (default: all the text).", show_default=False)] = None,
     process_output: Annotated[bool, typer.Option("--process-output", help="Also collect output.weight.")] = False,
     in_file: Annotated[list[str], typer.Option("--in-file", help="Earlier imatrix to merge (repeatable); without -f they are only combined.")] = [],
-    output_format: Annotated[Optional[str], typer.Option("--output-format", help="gguf or dat (default: from the file name).", show_default=False)] = None,
+    output_format: Annotated[str | None, typer.Option("--output-format", help="gguf or dat (default: from the file name).", show_default=False)] = None,
     batch: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Tokens per decode; batch/ctx chunks run as parallel sequences (llama-imatrix's -b).")] = 2048,
     threads: ThreadsOpt = 0,
     top: Annotated[int, typer.Option("--top", min=0, help="Rows of the skew table.")] = 10,
@@ -58,8 +64,8 @@ def imatrix(
     from ..system import default_threads
 
     src = resolve_model(model)
-    kwargs = dict(n_ctx=ctx, chunks=chunks, process_output=process_output, in_files=in_file,
-                  output_format=output_format, threads=default_threads(threads), n_batch=batch)
+    kwargs = {"n_ctx": ctx, "chunks": chunks, "process_output": process_output, "in_files": in_file,
+              "output_format": output_format, "threads": default_threads(threads), "n_batch": batch}
     if as_json:
         result = make_imatrix(src, text, output, **kwargs)
         d = result.to_dict()
