@@ -132,16 +132,16 @@ def plot(result: LadderResult, path: Path) -> None:
         colors = ["tab:red" if p[3] == result.recommendation else "tab:green" if m else "tab:blue"
                   for p, m in zip(pts, imat)]
         order = sorted(range(len(xs)), key=lambda i: xs[i])
-        for want, color, label in ((False, "tab:blue", "without imatrix"), (True, "tab:green", "with imatrix")):
+        for want, color, kind in ((False, "tab:blue", "without imatrix"), (True, "tab:green", "with imatrix")):
             line = [i for i in order if imat[i] == want]
             if line:  # one curve per kind, so the imatrix gain reads as the gap between them
                 ax.plot([xs[i] for i in line], [ys[i] for i in line], color=color, alpha=0.45, zorder=2,
-                        label=label if any(imat) else None)
+                        label=kind if any(imat) else None)
         if any(imat):
             ax.legend(loc="upper right", fontsize=9)
         ax.scatter(xs, ys, c=colors, s=40, zorder=3)
         for rank, i in enumerate(order):  # alternate label sides so neighbours do not overlap
-            right = rank % 2 == 0
+            right = not imat[i] if any(imat) else rank % 2 == 0  # with imatrix rows: +imat left, plain right
             ax.annotate(pts[i][3], (xs[i], ys[i]), textcoords="offset points", fontsize=9,
                         xytext=(7, 4) if right else (-7, -4), ha="left" if right else "right",
                         va="bottom" if right else "top")
