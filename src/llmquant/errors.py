@@ -106,3 +106,8 @@ class OptionError(LlmquantError):
     def __init__(self, option: str, problem: str):
         self.option = option
         super().__init__(f"{option}: {problem}")
+
+
+class CalibrationError(LlmquantError):
+    """Calibration cannot run as asked: too little text, an empty folder, a model without
+    ``blk.*`` matrix multiplications, imatrix files that do not fit the model."""

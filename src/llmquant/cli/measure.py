@@ -49,6 +49,7 @@ def ladder(
     ngl: NglOpt = "0",
     mlock: MlockOpt = False,
     no_mmap: NoMmapOpt = False,
+    imatrix: Annotated[Optional[str], typer.Option("--imatrix", help="Also make every K/legacy rung with an importance matrix (rows RUNG+imat): a file, or 'auto' (collected on the shipped calibration text into --out, reused while current).", show_default=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The main job: quantize to every rung, measure quality loss, size and speed, and recommend one."""
@@ -65,6 +66,8 @@ def ladder(
 
         for r in names:
             parse_name(rung_name(name, r))  # a bad name fails before any work
+            if imatrix:
+                parse_name(rung_name(name, f"{r}-imat"))
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
                   transient=True, disable=as_json) as bar:
         task = bar.add_task("ladder", total=1.0)
@@ -74,13 +77,13 @@ def ladder(
 
         result = run_ladder(model, rungs=names, out_dir=out_dir, text=text, ctx=ctx, chunks=chunks,
                             threads=threads or None, speed=not no_speed, fit_ctx=fit_ctx, machine=machine,
-                            step=step, options=options)
+                            step=step, options=options, imatrix=imatrix)
     paths = write_all(result, out_dir)
     stored = []
     if name:
         from ..store import register, rung_name
 
-        stored = [register(r.path, rung_name(name, r.name)).name for r in result.rungs]
+        stored = [register(r.path, rung_name(name, r.name.replace("+", "-"))).name for r in result.rungs]
     if as_json:
         _print_json({**result.to_dict(), "outputs": paths, **({"stored_as": stored} if stored else {})})
         return

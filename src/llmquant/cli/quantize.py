@@ -89,7 +89,7 @@ def quantize(
     token_embedding_type: Annotated[Optional[str], typer.Option("--token-embedding-type", help="Type for token_embd.weight.")] = None,
     tensor_type: Annotated[list[str], typer.Option("--tensor-type", help="REGEX=TYPE override (repeatable).")] = [],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the per-tensor plan and exact size; write nothing.")] = False,
-    imatrix: Annotated[Optional[str], typer.Option("--imatrix", help="Importance matrix from llama-imatrix (.gguf or legacy .dat).")] = None,
+    imatrix: Annotated[Optional[str], typer.Option("--imatrix", help="Importance matrix (.gguf or legacy .dat, from llmquant imatrix or llama-imatrix), or 'auto': collect one from SRC on the shipped calibration text into DST's folder (reused while current).")] = None,
     threads: ThreadsOpt = 0,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite DST if it exists.")] = False,
     name: Annotated[Optional[str], typer.Option("--name", help="Also add DST to the model store as NAME[:TAG].", show_default=False)] = None,
@@ -135,6 +135,20 @@ def quantize(
         tensor_types=tuple(parse_tensor_type(spec) for spec in tensor_type),
     )
     n_threads = default_threads(threads)
+    if imatrix == "auto":
+        from pathlib import Path
+
+        from ..calibrate import auto_imatrix
+
+        folder = Path(dst).parent if dst else Path(".")
+        if as_json or dry_run:
+            made = auto_imatrix(src, folder, threads=n_threads)
+        else:
+            from .calib import _ChunkProgress
+
+            with _ChunkProgress() as chunk_progress:
+                made = auto_imatrix(src, folder, threads=n_threads, progress=chunk_progress)
+        imatrix = str(made.path)
     imat = load_imatrix(imatrix) if imatrix else None
     weighting = {"importance": imat.entries, "metadata": imat.provenance(imatrix)} if imat else {}
     if dry_run or as_json:
