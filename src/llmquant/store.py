@@ -67,6 +67,11 @@ class StoredModel:
     files: list[str] = field(default_factory=list)
     sha256: str | None = None
     embedded: bool = False
+    config: dict = field(default_factory=dict)  # Modelfile settings: parameters, system, template
+
+    @property
+    def parameters(self) -> dict:
+        return dict(self.config.get("parameters") or {})
 
     def to_dict(self) -> dict:
         return asdict(self)

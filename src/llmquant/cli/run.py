@@ -177,8 +177,13 @@ def serve(
     parallel: Annotated[int, typer.Option("--parallel", "-np", min=1, max=64, help="Requests generated at once (each slot has its own context); more wait in line.")] = 1,
     threads: Annotated[int, typer.Option("--threads", "-t", min=0, help="Threads per slot (0: cores / parallel).")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory the loaded models may use together, e.g. 8G (default: what fit counts as usable here).", show_default=False)] = None,
+    max_models: Annotated[int, typer.Option("--max-models", min=1, max=64, help="Models loaded at once at most (Ollama's OLLAMA_MAX_LOADED_MODELS).")] = 3,
 ) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API (chat, completions, embeddings, models)."""
+    """Serve models over OpenAI's and Ollama's HTTP APIs (chat, completions, embeddings, models;
+    /api/chat, /api/generate, ...). MODEL is loaded first; any store model a request names is loaded
+    on demand, least recently used ones unloaded to stay within --max-memory. --port 11434 stands in
+    for Ollama."""
     from ..models import DEFAULT_MODEL_NAME
     from ..serve.app import bind, is_loopback, load_state
     from ..serve.app import serve as run_server
@@ -196,8 +201,15 @@ def serve(
     sock = bind(host, port)
     if not is_loopback(host) and not api_key:
         err.print(f"[yellow]warning: listening on {host} without --api-key: anyone who can reach it can use it[/yellow]")
+    from ..fit.machines import parse_size
+    from ..serve.pool import ModelPool, default_budget
+
+    budget = parse_size(max_memory, what="--max-memory") if max_memory else default_budget()
     state = load_state(path, model_id, n_ctx=ctx, parallel=parallel, threads=threads or None, api_key=api_key,
                        aliases={model or DEFAULT_MODEL_NAME, "default" if model is None else model_id})
+    pool = ModelPool(budget=budget, max_models=max_models, n_ctx=ctx, parallel=parallel, threads=threads or None,
+                     api_key=api_key)
+    pool.add(state)
 
     def announce(url: str) -> None:
         out.print(f"serving {model_id} on {url}/v1 ({parallel} slot{'s' if parallel > 1 else ''}, "
@@ -205,7 +217,7 @@ def serve(
                   f"{', API key required' if api_key else ''}) — Ctrl-C to stop", highlight=False, soft_wrap=True)
         sys.stdout.flush()
 
-    run_server(state, sock, log_level="info" if verbose else "warning", announce=announce)
+    run_server(state, sock, log_level="info" if verbose else "warning", announce=announce, pool=pool)
 
 
 # -- bench -------------------------------------------------------------------------------------------------
