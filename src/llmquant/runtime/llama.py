@@ -551,9 +551,37 @@ def json_schema_grammar(schema: dict[str, Any]) -> str:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        return json_schema_to_gbnf(json.dumps(_bounded_integers(schema)))
     except (ValueError, KeyError, TypeError, AssertionError, NotImplementedError, RecursionError) as exc:
         raise ValueError(f"cannot turn the JSON schema into a grammar: {type(exc).__name__}: {exc}") from None
+
+
+_ENUM_MAX = 4096
+
+
+def _bounded_integers(node: Any) -> Any:
+    """llama-cpp-python's converter ignores ``minimum``/``maximum`` (llama.cpp's newer one has them):
+    an integer bounded on both sides by a range up to 4096 values becomes the equivalent ``enum``, so
+    the grammar enforces the bounds. (One-sided bounds stay unenforced.)"""
+    if isinstance(node, list):
+        return [_bounded_integers(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _bounded_integers(v) for k, v in node.items()}
+    if out.get("type") == "integer" and "enum" not in out and "const" not in out:
+        lo, hi = out.get("minimum"), out.get("maximum")
+        if "exclusiveMinimum" in out and isinstance(out["exclusiveMinimum"], (int, float)):
+            lo = int(out["exclusiveMinimum"]) + 1
+        if "exclusiveMaximum" in out and isinstance(out["exclusiveMaximum"], (int, float)):
+            hi = int(np.ceil(out["exclusiveMaximum"])) - 1
+        if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
+            lo, hi = int(np.ceil(lo)), int(np.floor(hi))
+            if hi < lo:
+                raise ValueError(f"integer with minimum {lo} above maximum {hi}")
+            if hi - lo < _ENUM_MAX:
+                kept = {k: v for k, v in out.items() if k in ("description", "title")}
+                return {**kept, "enum": list(range(lo, hi + 1))}
+    return out
 
 
 _KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}  # ggml_type values
