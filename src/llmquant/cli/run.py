@@ -220,6 +220,40 @@ def serve(
     run_server(state, sock, log_level="info" if verbose else "warning", announce=announce, pool=pool)
 
 
+@app.command()
+def ui(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: any free port).")] = 8080,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LLMQUANT_API_KEY", help="Require Authorization: Bearer KEY (the page asks for it).", show_default=False)] = None,
+    reports: Annotated[Optional[list[Path]], typer.Option("--reports", help="A folder to search for ladder reports (ladder.json), besides the store; repeatable.", show_default=False)] = None,
+    ctx: CtxOpt = 4096,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory the loaded models may use together (default: what fit counts as usable here).", show_default=False)] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
+) -> None:
+    """A local web page: the store's models with fit's verdict on this machine, ladder reports (table and chart),
+    and a streaming chat. Starts the server (OpenAI and Ollama APIs too) and prints its address."""
+    from ..fit.machines import parse_size
+    from ..models import DEFAULT_MODEL_NAME
+    from ..serve.app import bind, is_loopback
+    from ..serve.app import serve as run_server
+    from ..serve.pool import ModelPool, default_budget
+
+    sock = bind(host, port)
+    if not is_loopback(host) and not api_key:
+        err.print(f"[yellow]warning: listening on {host} without --api-key: anyone who can reach it can use it[/yellow]")
+    budget = parse_size(max_memory, what="--max-memory") if max_memory else default_budget()
+    pool = ModelPool(budget=budget, n_ctx=ctx, api_key=api_key)
+    pool.default = DEFAULT_MODEL_NAME
+
+    def announce(url: str) -> None:
+        out.print(f"llmquant ui on {url}/ (API on {url}/v1 and {url}/api) — Ctrl-C to stop", highlight=False,
+                  soft_wrap=True)
+        sys.stdout.flush()
+
+    run_server(None, sock, log_level="info" if verbose else "warning", announce=announce, pool=pool,
+               report_dirs=[p.expanduser() for p in reports or []])
+
+
 # -- bench -------------------------------------------------------------------------------------------------
 @app.command()
 def bench(

@@ -95,7 +95,7 @@ class EmbeddingRequest(BaseModel):
 
 
 
-def create_app(state: ServerState | None, pool: Any = None):
+def create_app(state: ServerState | None, pool: Any = None, report_dirs: list[Path] | None = None):
     """The FastAPI app over ``pool`` (a serve.pool.ModelPool) — or, for a single preloaded model, over
     ``state`` alone (a pool holding just it, the store not consulted)."""
     from fastapi import Depends, FastAPI
@@ -265,6 +265,9 @@ def create_app(state: ServerState | None, pool: Any = None):
 
     add_routes(app, pool, guarded)
     app.add_middleware(JsonBodies)
+    from . import ui
+
+    ui.add_routes(app, pool, guarded, list(report_dirs or []))
     web = Path(__file__).with_name("web")
     if (web / "index.html").is_file():
         from fastapi.responses import FileResponse
@@ -552,11 +555,12 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(state: ServerState | None, sock: socket.socket, *, log_level: str = "warning",
-          announce: Callable[[str], None] | None = None, pool: Any = None) -> None:
+          announce: Callable[[str], None] | None = None, pool: Any = None,
+          report_dirs: list[Path] | None = None) -> None:
     """Serve until SIGINT/SIGTERM."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(state, pool), log_level=log_level, access_log=log_level in ("info", "debug"),
+    config = uvicorn.Config(create_app(state, pool, report_dirs), log_level=log_level, access_log=log_level in ("info", "debug"),
                             timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]
