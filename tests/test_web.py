@@ -117,10 +117,13 @@ def test_page_models_reports_chat_and_key(ui_server, browser):
     points[0].click()
     assert b.find_element(By.ID, "tip").text.startswith("Q8_0")
     # a chat message streams: the answer grows piece by piece
+    limit = b.find_element(By.ID, "max-tokens")
+    limit.clear()
+    limit.send_keys("24")
     b.find_element(By.ID, "prompt").send_keys("Name three fruits.", Keys.ENTER)
     answer = wait(lambda: b.find_elements(By.CSS_SELECTOR, "#log .msg.assistant"))[0]
     lengths = set()
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline and status.text != "ready":
         lengths.add(len(answer.text))
         time.sleep(0.02)

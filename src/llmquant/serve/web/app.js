@@ -106,7 +106,8 @@ $("chat").addEventListener("submit", async (e) => {
   const out = say("assistant", ""); $("send").disabled = true; status("generating…");
   try {
     const resp = await fetch("/v1/chat/completions", { method: "POST", headers: headers(),
-      body: JSON.stringify({ model: $("chat-model").value, messages: history, stream: true, max_tokens: 256 }) });
+      body: JSON.stringify({ model: $("chat-model").value, messages: history, stream: true,
+        max_tokens: Math.max(1, parseInt($("max-tokens").value, 10) || 256) }) });
     if (!resp.ok) throw new Error(resp.status + ": " + await errorText(resp));
     const reader = resp.body.getReader(), dec = new TextDecoder(); let buf = "";
     for (;;) {
