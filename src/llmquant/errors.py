@@ -97,3 +97,8 @@ class UnsafeFormatError(LlmquantError):
     def __init__(self, path: object, problem: str):
         self.path = path
         super().__init__(f"{path}: {problem}")
+
+
+class CalibrationError(LlmquantError):
+    """GPTQ/AWQ cannot run as asked: too little calibration text, widths that do not divide the group
+    size, an architecture without layer mappings, an already-quantized source."""
