@@ -175,7 +175,8 @@ def test_gptq_beats_rtn_on_the_layer_outputs(tiny, tmp_path):
 
 def _gptqmodel_dequant(folder: Path, names: list[str]) -> dict:
     """Load ``folder`` with transformers + GPTQModel in its own venv; each linear's dequantized weight
-    (from GPTQModel's own ``dequantize_weight``) and a forward pass, as float32 arrays."""
+    (GPTQModel's own ``dequantize_weight`` / ``awq_weight_dequantize``, i.e. its unpack code) and a
+    forward pass, as float32 arrays."""
     script = f"""
 import os, sys, numpy as np, torch
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
@@ -185,11 +186,12 @@ mods = dict(m.named_modules())
 out = {{}}
 for n in {names!r}:
     mod = mods[n]
-    w = mod.dequantize_weight() if hasattr(mod, "dequantize_weight") else None
-    if w is None:
-        raise SystemExit(f"{{n}}: {{type(mod).__name__}} has no dequantize_weight")
-    w = w.float()
-    out[n] = (w.T if w.shape[0] == mod.in_features and w.shape[0] != mod.out_features else w).numpy()
+    if hasattr(mod, "dequantize_weight"):  # GPTQ kernels
+        w = mod.dequantize_weight()
+    else:  # AWQ kernels: before the first forward repacks them for the CPU int4 matmul
+        w = mod.awq_weight_dequantize(device="cpu", dtype=torch.float16)
+    assert tuple(w.shape) == (mod.in_features, mod.out_features), (n, tuple(w.shape))  # GPTQModel's [in, out]
+    out[n] = w.float().T.numpy()
     out["class:" + n] = np.array(type(mod).__name__)
 with torch.no_grad():
     out["logits"] = m(torch.tensor([[5, 6, 7, 8]])).logits.float().numpy()
