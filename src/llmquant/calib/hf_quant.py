@@ -108,6 +108,8 @@ class CalibResult:
     linears: int
     seconds: float
     out_bytes: int
+    forward_seconds: float = 0.0  # calibration + propagation passes through the decoder layers
+    solve_seconds: float = 0.0  # GPTQ / AWQ / RTN on the arrays
     awq_alphas: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -220,6 +222,7 @@ def quantize_hf(src: str | Path, dst: str | Path, *, method: str = "gptq", fmt: 
 
     alphas: list[float] = []
     n_linears = 0
+    timing = [0.0, 0.0]
     qcfg, extra = quantization_config(fmt, bits=bits, group_size=g, sym=sym, act_order=act_order, damp=damp, method=method,
                                       ignore=["lm_head"])
     with ExportFolder(dst, n_layers + 1, force=force) as out:
@@ -237,8 +240,11 @@ def quantize_hf(src: str | Path, dst: str | Path, *, method: str = "gptq", fmt: 
             layer.float()
             mods = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
             stats, leader_of = {}, {}
+            t0 = time.perf_counter()
             if method != "rtn":
                 stats, leader_of = _collect(layer, mods, hidden, run)
+            t1 = time.perf_counter()
+            timing[0] += t1 - t0
             weights = {n: m.weight.detach().numpy().astype(np.float32, copy=True) for n, m in mods.items()}
             results: dict[str, tuple] = {}
             if method == "gptq":
@@ -288,6 +294,7 @@ def quantize_hf(src: str | Path, dst: str | Path, *, method: str = "gptq", fmt: 
                     res = rtn(weights[n], grid, g, clip)
                     codes, scales, zeros = int_codes(res, grid)
                     results[n] = (res.weight, codes, scales, zeros, res.g_idx)
+            timing[1] += time.perf_counter() - t1
             tensors = {}
             with torch.no_grad():
                 for n, m in mods.items():
@@ -303,7 +310,9 @@ def quantize_hf(src: str | Path, dst: str | Path, *, method: str = "gptq", fmt: 
             if on_layer:
                 on_layer(i, {prefix + n: r[0] for n, r in results.items()})
             if hidden is not None and i + 1 < n_layers:
+                t0 = time.perf_counter()
                 hidden = run(layer, hidden)
+                timing[0] += time.perf_counter() - t0
             layer.to("meta")
             del state, weights, results, stats, tensors
         # everything outside the decoder layers, as stored
@@ -323,7 +332,7 @@ def quantize_hf(src: str | Path, dst: str | Path, *, method: str = "gptq", fmt: 
     size = sum(p.stat().st_size for p in dst.glob("*.safetensors"))
     return CalibResult(str(dst), method, fmt, bits, g, group_note, sym, act_order, damp, str(calib_file) if method != "rtn" else "",
                        fallback and method != "rtn", samples, seq_len, n_layers, n_linears, time.perf_counter() - start, size,
-                       [round(a, 3) for a in alphas], notes)
+                       timing[0], timing[1], [round(a, 3) for a in alphas], notes)
 
 
 def _collect(layer, mods, hidden, run):
