@@ -316,3 +316,31 @@ def test_default_model_gptq_generates_coherent_text(tmp_path):
         out = model.generate(ids, max_new_tokens=16, do_sample=False)
     text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert "Paris" in text, text
+
+
+LLMCOMPRESSOR_PY = Path(os.environ.get("LLMCOMPRESSOR_VENV", "/work/venvs/gptq-llmcompressor")) / "bin" / "python"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LLMCOMPRESSOR_PY.exists(), reason=f"no llm-compressor venv at {LLMCOMPRESSOR_PY.parent.parent}")
+def test_asymmetric_compressed_tensors_export_loads_in_transformers_5_17(tiny, tmp_path):
+    """The asymmetric pack-quantized export that transformers 5.24 refuses (see above) loads in the
+    transformers 5.17 + compressed-tensors 0.19 that llm-compressor 0.14 pins, with our weights exactly."""
+    dst = tmp_path / "out"
+    _, ours = _quantize(tiny, dst, method="awq", group_size=32)
+    script = f"""
+import numpy as np, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(dst)!r}, device_map="cpu")
+with torch.no_grad():
+    assert torch.isfinite(m(torch.tensor([[5, 6, 7, 8]])).logits).all()
+mods = dict(m.named_modules())
+np.savez({str(tmp_path / "w.npz")!r}, **{{n: mods[n].weight.detach().float().numpy() for n in {sorted(ours)!r}}})
+"""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    run = subprocess.run([str(LLMCOMPRESSOR_PY), "-c", script], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with np.load(tmp_path / "w.npz") as z:
+        for name, want in ours.items():
+            assert np.array_equal(z[name], want), name
