@@ -109,5 +109,6 @@ class OptionError(LlmquantError):
 
 
 class CalibrationError(LlmquantError):
-    """Calibration cannot run as asked: too little text, an empty folder, a model without
-    ``blk.*`` matrix multiplications, imatrix files that do not fit the model."""
+    """Calibration cannot run as asked: too little text, an empty folder, a model without ``blk.*``
+    matrix multiplications, imatrix files that do not fit the model; for GPTQ/AWQ, widths that do not
+    divide the group size, an architecture without layer mappings, an already-quantized source."""

@@ -21,6 +21,7 @@ from . import store  # noqa: E402,F401  pull, list, show, rm
 from . import convert  # noqa: E402,F401  convert
 from . import fit  # noqa: E402,F401  fit
 from . import calib  # noqa: E402,F401  imatrix
+from . import calib_hf  # noqa: E402,F401  gptq, awq
 
 __all__ = ["app", "main"]
 

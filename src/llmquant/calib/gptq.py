@@ -1,0 +1,250 @@
+"""GPTQ (Frantar et al., arXiv 2210.17323) as a pure function on numpy arrays, the grid a parameter.
+
+Follows IST-DASLab ``gptq.py`` (``fasterquant``) and llm-compressor ``modifiers/gptq/gptq_quantize.py``:
+H = 2/n XᵀX (accumulated by the caller with ``hessian_update``), dead columns zeroed, damping
+``damp · mean(diag H)`` on the diagonal, the upper Cholesky factor U of H⁻¹, then columns quantized
+left to right, each one's error ``(w − q) / U[i, i]`` spread over the columns still to come (inside
+a block of ``block_size`` columns at once; to the rest of the matrix once per block, the "lazy batch").
+
+The grid is a ``Grid`` object (``fit`` a group of columns → its parameters, ``round`` one column on
+them), so the same error-feedback loop serves integer groups (``IntGrid``, what GPTQ/AWQ checkpoints
+store) and ggml's block encoders (a block of 32 input columns is a group).
+
+Act-order (llm-compressor's names):
+- ``"none"``: columns in order; a group's parameters are fitted when its first column comes up, on the
+  error-updated weights (original GPTQ).
+- ``"static"`` (``ActivationOrdering.WEIGHT``): groups stay contiguous in the original column order, their
+  parameters are fitted on the original weights up front, and the columns are quantized in order of
+  decreasing diag(H); nothing extra on disk (g_idx = column // group).
+- ``"group"`` (classic ``desc_act=True``): columns in decreasing diag(H), groups contiguous in *that*
+  order and fitted on the updated weights; ``g_idx`` maps each original column to its group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+ACT_ORDERS = ("none", "static", "group")
+
+
+class Grid(Protocol):
+    """A quantization grid over groups of input columns."""
+
+    def fit(self, w: np.ndarray) -> Any:
+        """Parameters for one group: ``w`` is (rows, group) float32."""
+
+    def round(self, w: np.ndarray, params: Any, j: int) -> np.ndarray:
+        """Column ``j`` of the group (``w``: (rows,)) rounded onto the grid, dequantized."""
+
+
+@dataclass(frozen=True)
+class IntParams:
+    scale: np.ndarray  # (rows,) float32, already rounded to the storage dtype
+    zero: np.ndarray  # (rows,) float32 holding integers in [0, 2^bits - 1]
+
+
+@dataclass(frozen=True)
+class IntGrid:
+    """b-bit integers per group, w ≈ (q − z)·s with q ∈ [0, 2^b − 1].
+
+    Same parameters as AutoGPTQ's ``Quantizer.find_params`` and compressed-tensors'
+    ``calculate_qparams`` (min/max observer): symmetric s = 2·max|w| / (2^b − 1), z = 2^(b−1);
+    asymmetric s = (max(w,0) − min(w,0)) / (2^b − 1), z = round(−min/s). ``scale_dtype`` is the dtype
+    the checkpoint stores the scales in: they are rounded to it before any weight is rounded on them,
+    so the grid GPTQ sees is the one a loader dequantizes with."""
+
+    bits: int = 4
+    sym: bool = True
+    scale_dtype: Any = np.float32
+    clip: float = 1.0  # shrink factor on the range (AWQ's clip search sets it per group)
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def fit(self, w: np.ndarray, clip: np.ndarray | float | None = None) -> IntParams:
+        c = self.clip if clip is None else clip
+        if self.sym:
+            amax = np.abs(w).max(axis=-1) * c
+            scale = 2.0 * amax / self.maxq
+            zero = np.full(scale.shape, float(1 << (self.bits - 1)), np.float32)
+        else:
+            lo = np.minimum(w.min(axis=-1), 0.0) * c
+            hi = np.maximum(w.max(axis=-1), 0.0) * c
+            scale = (hi - lo) / self.maxq
+        scale = _storable(scale.astype(np.float32), self.scale_dtype)
+        if not self.sym:
+            zero = np.clip(np.rint(-lo / scale), 0, self.maxq).astype(np.float32)
+        return IntParams(scale, zero)
+
+    def round(self, w: np.ndarray, params: IntParams, j: int = 0) -> np.ndarray:
+        s, z = params.scale, params.zero
+        if w.ndim > s.ndim:  # a block of columns
+            s, z = s[..., None], z[..., None]
+        q = np.clip(np.rint(w / s) + z, 0, self.maxq)
+        return ((q - z) * s).astype(np.float32)
+
+    def codes(self, w: np.ndarray, params: IntParams) -> np.ndarray:
+        """The integers of already-rounded values ``w`` (rows, k) on ``params``."""
+        q = np.rint(w / params.scale[:, None]) + params.zero[:, None]
+        return np.clip(q, 0, self.maxq).astype(np.int32)
+
+
+def _storable(scale: np.ndarray, dtype) -> np.ndarray:
+    """``scale`` rounded to ``dtype`` (and never 0 there), returned as float32."""
+    tiny = 6.2e-5 if dtype in (np.float16, "float16") else 1e-30  # fp16: smallest normal
+    scale = np.where(scale > tiny, scale, np.where(scale > 0, tiny, 1.0)).astype(np.float32)
+    if dtype == "bfloat16":  # round to nearest even on the 16 high bits, as torch's .to(torch.bfloat16)
+        n = scale.view(np.uint32).astype(np.uint64)
+        return (((n + 0x7FFF + ((n >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+    return scale.astype(np.dtype(dtype)).astype(np.float32)
+
+
+@dataclass
+class GPTQResult:
+    weight: np.ndarray  # (rows, cols) float32, dequantized, original column order
+    params: list[Any]  # one per group, in group-index order
+    g_idx: np.ndarray  # (cols,) int32: group of each original column
+    perm: np.ndarray | None  # column order used (None: in order)
+    damp: float  # the damping fraction that made H positive definite
+
+
+def hessian_update(H: np.ndarray | None, n: int, x: np.ndarray) -> tuple[np.ndarray, int]:
+    """Running H = 2/n Σ xxᵀ over the rows of ``x`` (tokens, cols), as GPTQ's ``add_batch``."""
+    x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    m = x.shape[0]
+    if H is None:
+        H = np.zeros((x.shape[1], x.shape[1]), np.float64)
+    H *= n / (n + m)
+    n += m
+    x = x * np.sqrt(2.0 / n)
+    H += x.T @ x
+    return H, n
+
+
+def rtn(W: np.ndarray, grid: Grid, group_size: int, clip: np.ndarray | None = None) -> GPTQResult:
+    """Round-to-nearest on the same grid, groups of ``group_size`` contiguous columns (``clip``:
+    (rows, groups) range factors for an ``IntGrid``, from AWQ's clip search)."""
+    W = np.asarray(W, np.float32)
+    rows, cols = W.shape
+    g = group_size or cols
+    g_idx = (np.arange(cols) // g).astype(np.int32)
+    if isinstance(grid, IntGrid):  # all groups at once
+        blocks = W.reshape(rows, cols // g, g)
+        p = grid.fit(blocks, clip)
+        out = grid.round(blocks, p).reshape(rows, cols)
+        return GPTQResult(out, [IntParams(p.scale[:, k], p.zero[:, k]) for k in range(cols // g)], g_idx, None, 0.0)
+    out = np.empty_like(W)
+    params = []
+    for k in range(0, cols, g):
+        p = grid.fit(W[:, k:k + g])
+        params.append(p)
+        for j in range(min(g, cols - k)):
+            out[:, k + j] = grid.round(W[:, k + j], p, j)
+    return GPTQResult(out, params, g_idx, None, 0.0)
+
+
+def _upper_cholesky_inverse(H: np.ndarray, damp: float) -> tuple[np.ndarray, float]:
+    """U with H⁻¹ = UᵀU for H + damp·mean(diag)·I; damping ×10 until H is positive definite."""
+    mean_diag = float(np.mean(np.diag(H)))
+    for _ in range(6):
+        Hd = H + np.eye(len(H)) * damp * mean_diag
+        try:
+            L = np.linalg.cholesky(Hd)
+            Linv = np.linalg.inv(L)
+            Hinv = Linv.T @ Linv
+            return np.linalg.cholesky(Hinv).T, damp
+        except np.linalg.LinAlgError:
+            damp *= 10
+    raise np.linalg.LinAlgError("Hessian is not positive definite even with damping 1e5 x mean(diag)")
+
+
+def gptq(W: np.ndarray, H: np.ndarray, grid: Grid, group_size: int, *, act_order: str = "none",
+         damp: float = 0.01, block_size: int = 128) -> GPTQResult:
+    """Quantize ``W`` (rows = output channels, cols = input channels) against Hessian ``H`` (cols, cols).
+
+    ``group_size`` 0 means one group per row (per-channel)."""
+    if act_order not in ACT_ORDERS:
+        raise ValueError(f"act_order {act_order!r}; expected one of {ACT_ORDERS}")
+    W = np.array(W, np.float32)
+    H = np.array(H, np.float64)
+    rows, cols = W.shape
+    g = group_size or cols
+    if cols % g:
+        raise ValueError(f"{cols} columns are not a multiple of the group size {g}")
+    # blocks are a multiple of the group (or the group a multiple of the block), so a group is fitted
+    # on columns that already carry every earlier column's error
+    B = (max(1, block_size // g) * g) if g <= block_size else (block_size if g % block_size == 0 else g)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    static = None
+    perm = None
+    if act_order == "static":
+        static = [grid.fit(W[:, k:k + g]) for k in range(0, cols, g)]
+    if act_order != "none":
+        perm = np.argsort(-np.diag(H), kind="stable")
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    U, damp = _upper_cholesky_inverse(H, damp)
+    U = U.astype(np.float32)
+
+    Q = np.empty_like(W)
+    fitted: dict[int, Any] = {}
+    p = None
+    # inside a block, rank-1 updates only within sub-blocks of ``sub`` columns; each sub-block's errors
+    # reach the rest of the block in one product (the same sums, fewer passes over memory)
+    sub = 16 if (g % 16 == 0 and B % 16 == 0) else B
+    for i1 in range(0, cols, B):
+        i2 = min(i1 + B, cols)
+        W1 = W[:, i1:i2].copy()
+        Err = np.empty_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for j1 in range(0, i2 - i1, sub):
+            j2 = min(j1 + sub, i2 - i1)
+            for i in range(j1, j2):
+                c = i1 + i
+                if static is not None:
+                    orig = perm[c]
+                    p, j = static[orig // g], orig % g
+                else:
+                    j = c % g
+                    if j == 0:
+                        grp = W1[:, i:i + g] if c + g <= i2 else np.concatenate([W1[:, i:], W[:, i2:c + g]], axis=1)
+                        p = fitted[c // g] = grid.fit(grp)
+                w = W1[:, i]
+                q = grid.round(w, p, j)
+                Q[:, c] = q
+                err = (w - q) / U1[i, i]
+                W1[:, i:j2] -= np.outer(err, U1[i, i:j2])
+                Err[:, i] = err
+            W1[:, j2:] -= Err[:, j1:j2] @ U1[j1:j2, j2:]
+        W[:, i2:] -= Err @ U[i1:i2, i2:]
+
+    if act_order == "none":
+        return GPTQResult(Q, [fitted[k] for k in range(cols // g)], (np.arange(cols) // g).astype(np.int32), None, damp)
+    inv = np.argsort(perm)
+    Q = np.ascontiguousarray(Q[:, inv])
+    if act_order == "static":
+        return GPTQResult(Q, static, (np.arange(cols) // g).astype(np.int32), perm, damp)
+    g_idx = (inv // g).astype(np.int32)  # original column c sat at position inv[c]
+    return GPTQResult(Q, [fitted[k] for k in range(cols // g)], g_idx, perm, damp)
+
+
+def int_codes(result: GPTQResult, grid: IntGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes (rows, cols) int32, scales (rows, groups) float32, zeros (rows, groups) int32) of an
+    ``IntGrid`` result; dequantizing them through ``g_idx`` gives ``result.weight`` back."""
+    scales = np.stack([p.scale for p in result.params], axis=1)
+    zeros = np.stack([p.zero for p in result.params], axis=1)
+    s, z = scales[:, result.g_idx], zeros[:, result.g_idx]
+    codes = np.clip(np.rint(result.weight / s) + z, 0, grid.maxq).astype(np.int32)
+    return codes, scales, zeros.astype(np.int32)
+
+
+def dequantize(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g_idx: np.ndarray) -> np.ndarray:
+    """w = (q − z)·s with each column's group from ``g_idx``."""
+    return ((codes - zeros[:, g_idx]).astype(np.float32) * scales[:, g_idx]).astype(np.float32)
