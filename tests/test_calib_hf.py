@@ -300,7 +300,7 @@ def test_kill_mid_run_leaves_no_output_folder(tiny, tmp_path, sig):
 @pytest.mark.slow
 def test_default_model_gptq_generates_coherent_text(tmp_path):
     """SmolLM2-135M as an HF folder -> GPTQ W4A16 g64 (compressed-tensors) -> transformers greedy text."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     src = export_default_model(tmp_path / "smol", shards=1)
     dst = tmp_path / "smol-gptq"

@@ -15,7 +15,6 @@ torch and transformers are imported inside the functions: ``import llmquant.cali
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -336,7 +335,6 @@ def _collect(layer, mods, hidden, run):
     """Run the calibration activations through ``layer`` with hooks on its linears. Returns
     ({leader: (Σxᵀx float64, tokens, Σ|x| float64)}, {linear: leader}); linears fed by the same tensor
     (q/k/v, gate/up) share one leader and one set of statistics."""
-    import torch
 
     stats: dict[str, list] = {}
     leader_of: dict[str, str] = {}
