@@ -35,7 +35,7 @@ from .header import (
     GGUFHeader,
     MetadataField,
     TensorEntry,
-    parse_gguf,
+    parse_gguf_buffer,
 )
 
 # keys llama-quantize writes into its output (quantize.cpp LLM_KV_QUANTIZE_IMATRIX_*)
@@ -98,11 +98,24 @@ def load_imatrix(path: str | Path) -> Imatrix:
         raise ModelFileError(path, "no such file")
     if path.is_dir():
         raise ModelFileError(path, "is a folder, expected an imatrix file (.gguf or .dat)")
+    if path.stat().st_size == 0:
+        return load_imatrix_buffer(b"", path)
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == GGUF_MAGIC:
-        return _load_gguf(path, parse_gguf(path))
-    return _load_legacy(path)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        return load_imatrix_buffer(mm, path)
+    finally:
+        try:
+            mm.close()
+        except BufferError:  # a view still alive (in a traceback): the mapping goes with it
+            pass
+
+
+def load_imatrix_buffer(buf, path: object = "<bytes>") -> Imatrix:
+    """The same for a whole file held in ``buf`` (bytes or a memory map); ``path`` names it."""
+    if buf[:4] == GGUF_MAGIC:
+        return _load_gguf(path, parse_gguf_buffer(buf, path), buf)
+    return _load_legacy(path, buf)
 
 
 def check_importance(
@@ -125,7 +138,7 @@ def check_importance(
 
 # -- GGUF (common_imatrix_load) -----------------------------------------------------------------------
 
-def _load_gguf(path: Path, header: GGUFHeader) -> Imatrix:
+def _load_gguf(path: Path, header: GGUFHeader, buf) -> Imatrix:
     fields = header.fields
     missing = [k for k in _META_KEYS if k not in fields]
     if missing:
@@ -146,7 +159,7 @@ def _load_gguf(path: Path, header: GGUFHeader) -> Imatrix:
         raise ModelFileError(path, f"not an imatrix: no '<tensor>{_SUM_SUFFIX}' / '<tensor>{_COUNT_SUFFIX}' tensors")
 
     entries: dict[str, np.ndarray] = {}
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+    data = np.frombuffer(buf, dtype=np.uint8)
     try:
         for name in sorted(pairs):
             sums_t, counts_t = pairs[name]
@@ -195,7 +208,8 @@ def _mean_per_expert(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
     divisor = rounded.astype(np.float32)
     out = np.ones((counts.size, ne0), dtype=np.float32)
     sums = sums.reshape(counts.size, ne0)
-    np.divide(sums, divisor[:, None], out=out, where=positive[:, None])
+    with np.errstate(all="ignore"):  # non-finite results are refused by _check_finite
+        np.divide(sums, divisor[:, None], out=out, where=positive[:, None])
     return out.reshape(-1)
 
 
@@ -245,42 +259,42 @@ class _Reader:
         return self.take(n, what).split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-def _load_legacy(path: Path) -> Imatrix:
-    size = path.stat().st_size
+def _load_legacy(path: Path, buf) -> Imatrix:
+    size = len(buf)
     if size < 4:
         raise ModelFileError(path, f"not an imatrix: only {size} bytes (neither GGUF nor a legacy .dat imatrix)")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        r = _Reader(path, mm, size)
-        n_entries = r.i32("entry count")
-        if n_entries < 1 or n_entries * _MIN_LEGACY_ENTRY > r.left:
-            raise ModelFileError(
-                path, f"not an imatrix: not GGUF, and as a legacy .dat imatrix it claims {n_entries} entries, "
-                f"which its {size} bytes cannot hold"
-            )
-        entries: dict[str, np.ndarray] = {}
-        for i in range(n_entries):
-            n = r.i32(f"name length of entry #{i}")
-            if n < 0 or n > r.left:
-                raise r.fail(f"not an imatrix: legacy entry #{i} claims a name of {n} bytes ({r.left} left)")
-            name = r.c_string(n, f"name of entry #{i}")
-            ncall = r.i32(f"ncall of {name!r}")
-            nval = r.i32(f"value count of {name!r}")
-            if nval < 1:
-                raise r.fail(f"legacy imatrix entry {name!r} claims {nval} values, expected at least 1")
-            if nval * 4 > r.left:
-                raise r.fail(f"truncated legacy imatrix: entry {name!r} claims {nval} values ({nval * 4} bytes), "
-                             f"{r.left} bytes left")
-            sums = np.frombuffer(r.take(nval * 4, f"values of {name!r}"), dtype="<f4")
-            # quantize.cpp: sums hold (raw / count) * ncall; divide by ncall when it is positive
+    r = _Reader(path, buf, size)
+    n_entries = r.i32("entry count")
+    if n_entries < 1 or n_entries * _MIN_LEGACY_ENTRY > r.left:
+        raise ModelFileError(
+            path, f"not an imatrix: not GGUF, and as a legacy .dat imatrix it claims {n_entries} entries, "
+            f"which its {size} bytes cannot hold"
+        )
+    entries: dict[str, np.ndarray] = {}
+    for i in range(n_entries):
+        n = r.i32(f"name length of entry #{i}")
+        if n < 0 or n > r.left:
+            raise r.fail(f"not an imatrix: legacy entry #{i} claims a name of {n} bytes ({r.left} left)")
+        name = r.c_string(n, f"name of entry #{i}")
+        ncall = r.i32(f"ncall of {name!r}")
+        nval = r.i32(f"value count of {name!r}")
+        if nval < 1:
+            raise r.fail(f"legacy imatrix entry {name!r} claims {nval} values, expected at least 1")
+        if nval * 4 > r.left:
+            raise r.fail(f"truncated legacy imatrix: entry {name!r} claims {nval} values ({nval * 4} bytes), "
+                         f"{r.left} bytes left")
+        sums = np.frombuffer(r.take(nval * 4, f"values of {name!r}"), dtype="<f4")
+        # quantize.cpp: sums hold (raw / count) * ncall; divide by ncall when it is positive
+        with np.errstate(all="ignore"):  # non-finite results are refused by _check_finite
             values = sums / np.float32(ncall) if ncall > 0 else sums.copy()
-            entries[name] = _check_finite(path, name, values.astype(np.float32, copy=False))  # a repeated name: the last wins
-        chunk_count, datasets = 0, []
-        if r.left:  # optional trailer: last_call, then the dataset name
-            chunk_count = r.i32("chunk count after the entries")
-            if r.left >= 4:
-                n = r.i32("dataset name length")
-                if n > 0:
-                    datasets.append(r.c_string(n, "dataset name"))
+        entries[name] = _check_finite(path, name, values.astype(np.float32, copy=False))  # a repeated name: the last wins
+    chunk_count, datasets = 0, []
+    if r.left:  # optional trailer: last_call, then the dataset name
+        chunk_count = r.i32("chunk count after the entries")
+        if r.left >= 4:
+            n = r.i32("dataset name length")
+            if n > 0:
+                datasets.append(r.c_string(n, "dataset name"))
     return Imatrix(path, dict(sorted(entries.items())), datasets, chunk_count, 0, "legacy")
 
 
