@@ -97,3 +97,13 @@ class UnsafeFormatError(LlmquantError):
     def __init__(self, path: object, problem: str):
         self.path = path
         super().__init__(f"{path}: {problem}")
+
+
+class DiskFullError(DestinationError):
+    """Not enough free space for an output (checked before writing), or the disk filled up while
+    writing (ENOSPC); the partial file has been removed."""
+
+    def __init__(self, path: object, problem: str, *, needed: int | None = None, free: int | None = None):
+        self.needed = needed
+        self.free = free
+        super().__init__(path, problem)

@@ -264,21 +264,32 @@ def pull(
     if full == DEFAULT_MODEL_NAME:
         raise StoreError(f"{full} is the embedded default model's name; choose another with --name")
     n, tag = parse_name(full)
-    work = _tmp_dir("pull")
+    from .gguf.writer import write_failed
+
+    try:
+        work = _tmp_dir("pull")
+    except OSError as exc:
+        raise write_failed(home() / "tmp", exc) from None
     try:
         digest = hashlib.sha256()
         for part in source.files:
-            _import_file(part, work / part.name, digest if len(source.files) == 1 else None, link, copy_chunk)
+            try:
+                _import_file(part, work / part.name, digest if len(source.files) == 1 else None, link, copy_chunk)
+            except OSError as exc:
+                raise write_failed(_model_dir(n, tag) / part.name, exc, needed=part.stat().st_size) from None
         manifest = {
             "name": full, "files": [p.name for p in source.files], "size": info["size"],
             "file_type": info["file_type"], "n_params": info["n_params"], "architecture": info["architecture"],
             "context_length": info["context_length"], "modified": time.time(), "source": source.origin,
             "sha256": digest.hexdigest() if len(source.files) == 1 else None,
         }
-        with open(work / MANIFEST, "w") as fh:
-            json.dump(manifest, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with open(work / MANIFEST, "w") as fh:
+                json.dump(manifest, fh, indent=2)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise write_failed(_model_dir(n, tag) / MANIFEST, exc) from None
         dest = _model_dir(n, tag)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.exists():  # replace: move the old one aside first, so dest is never half-written
@@ -466,6 +477,10 @@ def _import_file(src: Path, dst: Path, digest, link: bool, copy_chunk) -> None:
             linked = True
         except OSError:  # another filesystem, or links not supported: copy
             pass
+    if not linked:
+        from .gguf.writer import check_free_space
+
+        check_free_space(dst.parent, src.stat().st_size, what=f"a copy of {src.name} in the store")
     if linked:
         if digest is not None:
             with open(dst, "rb") as fh:
