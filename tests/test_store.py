@@ -46,8 +46,8 @@ def llmquant(home: Path, *args: str, timeout: int = 120):
 
 
 def leftovers(home: Path) -> list[str]:
-    """Everything under the store except empty folders."""
-    return sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file())
+    """Everything under the store except empty folders and its lock file."""
+    return sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file() and p.name != "store.lock")
 
 
 # -- the whole cycle through the CLI -----------------------------------------------------------------------

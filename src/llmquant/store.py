@@ -26,6 +26,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,20 +170,38 @@ def resolve_model(spec: str | Path | None) -> Path:
 
 
 def remove(spec: str) -> StoredModel:
-    model = get(spec)
-    if model.embedded:
-        raise StoreError(f"{model.name} is the embedded default model; it cannot be removed")
-    folder = Path(model.path).parent
-    trash = _tmp_dir("rm")
-    os.replace(folder, trash / "model")  # gone from the store at once, then deleted
+    with _locked():
+        model = get(spec)
+        if model.embedded:
+            raise StoreError(f"{model.name} is the embedded default model; it cannot be removed")
+        folder = Path(model.path).parent
+        trash = _tmp_dir("rm")
+        os.replace(folder, trash / "model")  # gone from the store at once, then deleted
+        for parent in (folder.parent, folder.parent.parent):  # drop empty name (and namespace) folders
+            if parent != home() / "models":
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
     shutil.rmtree(trash, ignore_errors=True)
-    for parent in (folder.parent, folder.parent.parent):  # drop empty name (and namespace) folders
-        if parent != home() / "models":
-            try:
-                parent.rmdir()
-            except OSError:
-                break
     return model
+
+
+@contextmanager
+def _locked():
+    """The store's one writer lock (``$LLMQUANT_HOME/store.lock``, flock): held only while folders
+    are renamed into or out of ``models/``, so the slow part of a pull (copy, hash) runs unlocked.
+    Readers need no lock: every change they can see is one rename."""
+    import fcntl
+
+    root = home()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "store.lock", "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 # -- details (show) ---------------------------------------------------------------------------------------
@@ -291,17 +310,20 @@ def pull(
         except OSError as exc:
             raise write_failed(_model_dir(n, tag) / MANIFEST, exc) from None
         dest = _model_dir(n, tag)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():  # replace: move the old one aside first, so dest is never half-written
-            os.replace(dest, work.parent / f"{work.name}-old")
-        os.replace(work, dest)
-        _fsync_dir(dest.parent)
+        with _locked():  # another pull or rm of the same store moves folders only under this lock
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():  # replace: move the old one aside first, so dest is never half-written
+                os.replace(dest, work.parent / f"{work.name}-old")
+            os.replace(work, dest)
+            _fsync_dir(dest.parent)
+            result = _read_manifest(dest)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work.parent / f"{work.name}-old", ignore_errors=True)
         raise
     shutil.rmtree(work.parent / f"{work.name}-old", ignore_errors=True)
-    result = _read_manifest(dest)
-    assert result is not None
+    if result is None:
+        raise StoreError(f"{full}: the pulled model could not be read back from {dest}")
     return result
 
 
