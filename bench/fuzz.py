@@ -32,7 +32,7 @@ def _vm_size() -> int:
     return 0
 
 
-def child(target: str, cases: int, seed: int) -> dict:
+def child(target: str, cases: int, seed: int, progress: str | None = None) -> dict:
     import fuzzing
 
     seeds = fuzzing.seeds()[target]
@@ -44,7 +44,18 @@ def child(target: str, cases: int, seed: int) -> dict:
     refused = findings = 0
     kinds: dict[str, int] = {}
     t0 = time.perf_counter()
-    for _ in range(cases):
+
+    def summary(done: int) -> dict:
+        seconds = time.perf_counter() - t0
+        return {"target": target, "cases": done, "seed": seed, "refused": refused,
+                "accepted": done - refused - findings, "findings": findings, "outcomes": kinds,
+                "seconds": round(seconds, 1), "cases_per_s": round(done / max(seconds, 1e-9)),
+                "rlimit_as_gib": round(limit / 2**30, 2),
+                "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+    for i in range(cases):
+        if progress and i and i % 10_000 == 0:  # a run cut short still says what it did
+            Path(progress).write_text(json.dumps(summary(i)) + "\n")
         data = fuzzing.mutate(rng.choice(seeds), fuzzing.random_ops(rng), rng.choice(pool))
         try:
             err = fuzzing.run_case(target, data)
@@ -60,11 +71,7 @@ def child(target: str, cases: int, seed: int) -> dict:
         if err is not None:
             refused += 1
             kinds[type(err).__name__] = kinds.get(type(err).__name__, 0) + 1
-    seconds = time.perf_counter() - t0
-    return {"target": target, "cases": cases, "seed": seed, "refused": refused, "accepted": cases - refused - findings,
-            "findings": findings, "outcomes": kinds, "seconds": round(seconds, 1),
-            "cases_per_s": round(cases / seconds), "rlimit_as_gib": round(limit / 2**30, 2),
-            "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    return summary(cases)
 
 
 def main() -> None:
@@ -76,10 +83,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=19)
     ap.add_argument("--jobs", type=int, default=2, help="targets fuzzed at once")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--progress", help="write each target's running totals to PROGRESS-<target>.json every 10k cases")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.cases, args.seed)))
+        print(json.dumps(child(args.child, args.cases, args.seed, args.progress)))
+        if args.progress:
+            Path(args.progress).unlink(missing_ok=True)
         return
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     pending = list(args.targets)
@@ -89,6 +99,8 @@ def main() -> None:
         while pending and len(running) < args.jobs:
             t = pending.pop(0)
             cmd = [sys.executable, __file__, "--child", t, "--cases", str(args.cases), "--seed", str(args.seed)]
+            if args.progress:
+                cmd += ["--progress", f"{args.progress}-{t}.json"]
             running.append((t, subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)))
         t, proc = running.pop(0)
         out, _ = proc.communicate()
