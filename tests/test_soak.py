@@ -50,6 +50,7 @@ def test_schemathesis_finds_no_server_error(tmp_path):
     schema = schemathesis.openapi.from_dict(_schema())
     failures: list[str] = []
     counts: dict[str, int] = {}
+    statuses: dict[int, int] = {}
     with running_server(tmp_path / "home", ctx=128, parallel=1) as (base, proc, log):
         for result in schema.get_all_operations():
             op = result.ok()
@@ -61,11 +62,12 @@ def test_schemathesis_finds_no_server_error(tmp_path):
             def run(case):
                 response = case.call(base_url=base, timeout=120)
                 counts[label] = counts.get(label, 0) + 1
+                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
                 if response.status_code >= 500:
                     failures.append(f"{label} -> {response.status_code}: {response.text[:300]} for {case.body!r}")
 
             run()
-        print("schemathesis requests:", counts)
+        print("schemathesis requests:", counts, "statuses:", dict(sorted(statuses.items())))
         assert proc.poll() is None  # still serving
     assert failures == [], failures[:5]
     assert len(counts) >= 5 and sum(counts.values()) >= 100, counts
