@@ -99,6 +99,20 @@ class UnsafeFormatError(LlmquantError):
         super().__init__(f"{path}: {problem}")
 
 
+class OptionError(LlmquantError):
+    """A command-line option with a value it cannot take, or two spellings of one option (ours and
+    llama.cpp's, or a positional argument and its option) given different values."""
+
+    def __init__(self, option: str, problem: str):
+        self.option = option
+        super().__init__(f"{option}: {problem}")
+
+
+class CalibrationError(LlmquantError):
+    """Calibration cannot run as asked: too little text, an empty folder, a model without
+    ``blk.*`` matrix multiplications, imatrix files that do not fit the model."""
+
+
 class DiskFullError(DestinationError):
     """Not enough free space for an output (checked before writing), or the disk filled up while
     writing (ENOSPC); the partial file has been removed."""

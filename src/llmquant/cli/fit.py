@@ -7,16 +7,16 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .options import JsonOpt, ModelArg, _human_count, _print_json, app, out
+from .options import BATCH_NAMES, CTX_NAMES, JsonOpt, ModelArg, _human_count, _print_json, app, out
 
 
 # -- fit ----------------------------------------------------------------------------------------------------
 @app.command()
 def fit(
     model: ModelArg = None,
-    ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context length in tokens (default: 4096, or the trained context if smaller).")] = None,
+    ctx: Annotated[Optional[int], typer.Option(*CTX_NAMES, help="Context length in tokens (default: 4096, or the trained context if smaller).")] = None,
     kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0 or q4_0.")] = "f16",
-    batch: Annotated[int, typer.Option("--batch", help="Prompt batch size (n_batch; llama-cpp-python caps the micro-batch at 512).")] = 512,
+    batch: Annotated[int, typer.Option(*BATCH_NAMES, help="Prompt batch size (n_batch; llama-cpp-python caps the micro-batch at 512).")] = 512,
     machine: Annotated[Optional[str], typer.Option("--machine", help="A catalog machine (e.g. rtx-4090, macbook-air-m2-8gb), 'this' (measured; the default) or 'list'.")] = None,
     ram: Annotated[Optional[str], typer.Option("--ram", help="Describe the machine instead: system RAM, e.g. 32GB.")] = None,
     vram: Annotated[Optional[str], typer.Option("--vram", help="With --ram: one CUDA GPU with this much VRAM, e.g. 12GB.")] = None,

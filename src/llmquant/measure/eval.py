@@ -93,6 +93,14 @@ def _shifted_lse(z: np.ndarray, buf: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return m, np.log(e.sum(axis=1))
 
 
+def _nll(z: np.ndarray, m: np.ndarray, lse: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log p(target) = lse - (z_t - m), in the same operations as the base's ``-logp[target]``
+    (``logp = (z - m) - lse``): z_t - m is exact in float64, and a - b = -(b - a) in IEEE arithmetic,
+    so identical logits give bit-identical NLLs for model and base (ΔPPL exactly 0). The algebraically
+    equal ``(m + lse) - z_t`` rounds twice and differs from it in the last bit."""
+    return lse - (z[np.arange(z.shape[0]), targets].astype(np.float64) - m)
+
+
 def token_nll(logits: np.ndarray, targets: np.ndarray, *, threads: int = 1) -> np.ndarray:
     """-log p(target) for each row of ``logits`` (n, n_vocab): float64 (n,)."""
     logits, targets = _check(logits, targets)
@@ -102,7 +110,7 @@ def token_nll(logits: np.ndarray, targets: np.ndarray, *, threads: int = 1) -> n
     def work(lo: int, hi: int) -> None:
         z = logits[lo:hi]
         m, lse = _shifted_lse(z, np.empty((hi - lo, n_vocab)))
-        nll[lo:hi] = m + lse - z[np.arange(hi - lo), targets[lo:hi]]
+        nll[lo:hi] = _nll(z, m, lse, targets[lo:hi])
 
     _in_blocks(n, threads, work)
     return nll
@@ -210,7 +218,7 @@ def compare(base: BaseProbs, logits: np.ndarray, targets: np.ndarray, *, threads
         lse = np.log(buf.sum(axis=1))
         # KL = sum p (log p - (z - m - lse)) = sum p log p - sum p (z - m) + lse * sum p
         kld[lo:hi] = base.sum_p_logp[lo:hi] - p_shifted + lse * base.sum_p[lo:hi]
-        nll[lo:hi] = m + lse - z[np.arange(hi - lo), targets[lo:hi]]
+        nll[lo:hi] = _nll(z, m, lse, targets[lo:hi])
         top[lo:hi] = z.argmax(axis=1)
 
     _in_blocks(n, threads, work)
@@ -406,6 +414,7 @@ class EvalResult:
     base_seconds: float | None = None  # the base's decoding + statistics (shared by evaluate_many)
     wall_seconds: float = 0.0  # the whole call: loading, tokenizing, every model
     notes: list[str] = field(default_factory=list)
+    offload: dict | None = None  # runtime.llama.Offload.to_dict() of this model as loaded
 
     def to_dict(self) -> dict:
         """Plain JSON-ready values (a statistic that is undefined, e.g. NaN, becomes None)."""
@@ -464,22 +473,24 @@ def chunk_layout(n_tokens: int, ctx: int, chunks: int | None) -> int:
 
 def evaluate(model: str | Path, base: str | Path | None = None, text: str | Path | None = None, ctx: int = 512,
              chunks: int | None = None, threads: int | None = None, *,
-             progress: Callable[[int, int], None] | None = None, llama_compat: bool = False) -> EvalResult:
+             progress: Callable[[int, int], None] | None = None, llama_compat: bool = False,
+             options=None) -> EvalResult:
     """Perplexity of ``model`` over ``text`` and, with ``base``, the KL-divergence statistics of
-    ``model`` against ``base`` (llama-perplexity --kl-divergence)."""
+    ``model`` against ``base`` (llama-perplexity --kl-divergence). ``options``: a runtime.llama.LoadOptions
+    (GPU layers, mmap/mlock, flash attention, KV types) for every model loaded."""
     return _evaluate([Path(model)], Path(base) if base is not None else None, text, ctx, chunks, threads,
-                     progress, llama_compat)[0]
+                     progress, llama_compat, options)[0]
 
 
 def evaluate_many(models: Sequence[str | Path], base: str | Path, text: str | Path | None = None, ctx: int = 512,
                   chunks: int | None = None, threads: int | None = None, *,
                   progress: Callable[[int, int], None] | None = None,
-                  llama_compat: bool = False) -> list[EvalResult]:
+                  llama_compat: bool = False, options=None) -> list[EvalResult]:
     """``evaluate`` for several models against one base: the base runs once per chunk and every model
     over the same chunk right after, so memory holds one chunk of logits per model."""
     if not models:
         return []
-    return _evaluate([Path(m) for m in models], Path(base), text, ctx, chunks, threads, progress, llama_compat)
+    return _evaluate([Path(m) for m in models], Path(base), text, ctx, chunks, threads, progress, llama_compat, options)
 
 
 def _check_file(path: Path, ctx: int) -> tuple[str | None, bool]:
@@ -497,9 +508,11 @@ def _check_file(path: Path, ctx: int) -> tuple[str | None, bool]:
 
 
 def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks: int | None,
-              threads: int | None, progress, llama_compat: bool) -> list[EvalResult]:
+              threads: int | None, progress, llama_compat: bool, options=None) -> list[EvalResult]:
     from ..system import default_threads
-    from ..runtime.llama import Model
+    from ..runtime.llama import LoadOptions, Model
+
+    options = options or LoadOptions()
 
     t_start = time.perf_counter()
     check_ctx(ctx)
@@ -507,7 +520,8 @@ def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks:
     n_threads = default_threads(threads)
     with contextlib.ExitStack() as stack:
         def load(path: Path) -> Model:
-            return stack.enter_context(Model(path, n_ctx=ctx, n_batch=ctx, threads=n_threads, flash_attn=FLASH_ATTN))
+            return stack.enter_context(Model(path, **options.model_kwargs(n_ctx=ctx, n_batch=ctx, threads=n_threads,
+                                                                          flash_attn=FLASH_ATTN)))
 
         for path in paths:
             _check_file(path, ctx)
@@ -557,10 +571,11 @@ def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks:
                 seconds[k] += time.perf_counter() - t0
             if progress is not None:
                 progress(i + 1, n_chunk)
+        offloads = [m.offload.to_dict() for m in models]
 
     wall = time.perf_counter() - t_start
     results = []
-    for path, s, sec in zip(paths, stats, seconds):
+    for path, s, sec, offload in zip(paths, stats, seconds, offloads):
         summary = s.summary()
         notes = []
         if base_quantized:
@@ -572,6 +587,7 @@ def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks:
             base_file_type=base_type, base_is_quantized=base_quantized, llama_compat=llama_compat,
             threads=n_threads, seconds=sec, tokens_per_second=n_chunk * ctx / sec if sec > 0 else 0.0,
             base_seconds=base_seconds if base is not None else None, wall_seconds=wall, notes=notes,
+            offload=offload,
         ))
     return results
 

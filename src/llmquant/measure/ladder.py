@@ -67,16 +67,23 @@ class LadderResult:
     notes: list[str]
     seconds: float
     out_dir: str
+    offload: dict | None = None  # runtime.llama.Offload.to_dict(): layers on GPU / CPU in eval and speed
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _quantize(src: Path, dst: Path, ftype: LlamaFileType, threads: int) -> tuple[QuantizeResult, bool]:
+def _quantize(src: Path, dst: Path, ftype: LlamaFileType, threads: int, imat=None) -> tuple[QuantizeResult, bool]:
     options = RecipeOptions(allow_requantize=True)
-    if dst.exists() and output_is_current(dst, src, ftype, options):
-        return quantize_model(src, None, ftype, options=options, dry_run=True), True
-    return quantize_model(src, dst, ftype, options=options, threads=threads, force=True), False
+    weighting = {"importance": imat.entries, "metadata": imat.provenance()} if imat is not None else {}
+    if dst.exists() and output_is_current(dst, src, ftype, options, weighting.get("importance")):
+        return quantize_model(src, None, ftype, options=options, dry_run=True, **weighting), True
+    return quantize_model(src, dst, ftype, options=options, threads=threads, force=True, **weighting), False
+
+
+# rungs an importance matrix changes: K and legacy quants (Q8_0 and the float types ignore it)
+_NO_IMATRIX = {"F32", "F16", "BF16", "Q8_0"}
+IMAT_SUFFIX = "+imat"
 
 
 def _check_space(src: Path, outputs: list[tuple[Path, LlamaFileType]]) -> None:
@@ -126,7 +133,13 @@ def run_ladder(
     fit_ctx: int | None = None,
     machine: str = "this",
     step: Step | None = None,
+    options=None,
+    imatrix: str | Path | None = None,
 ) -> LadderResult:
+    """``options``: a runtime.llama.LoadOptions (GPU layers, ...) for evaluation and speed.
+    ``imatrix``: None (no importance rungs), "auto" (collected from the base on the shipped
+    calibration text, into ``out_dir``, reused while current) or an imatrix file; then every K /
+    legacy rung is also made with it (``Q4_K_M+imat``)."""
     from .eval import evaluate_many
 
     t0 = time.perf_counter()
@@ -170,15 +183,34 @@ def run_ladder(
             f"{ftype_name(base_ftype)} rendering, so the losses shown are optimistic compared with "
             "quantizing the original weights"
         )
+    imat = None
+    if imatrix is not None:
+        from ..gguf.imatrix import load_imatrix
+
+        if str(imatrix) == "auto":
+            from ..calibrate import auto_imatrix
+
+            step("imatrix: collect on the calibration text", None)
+            made = auto_imatrix(base_path, out, threads=threads)
+            notes.append(f"importance matrix {made.path} ({'reused' if made.reused else 'collected'} from the "
+                         f"{ftype_name(base_ftype)} base over {made.chunk_count} chunks of the calibration text)")
+            imatrix = made.path
+        imat = load_imatrix(imatrix)
     results: list[RungResult] = []
     for i, (name, ftype) in enumerate(ftypes):
         path = out / f"{stem}-{name}.gguf"
         step(f"quantize {name}", i / len(ftypes))
         q, reused = _quantize(src, path, ftype, threads)
         results.append(_rung(name, path, q, reused))
+        if imat is not None and name not in _NO_IMATRIX:
+            path = out / f"{stem}-{name}-imat.gguf"
+            step(f"quantize {name} with the imatrix", i / len(ftypes))
+            q, reused = _quantize(src, path, ftype, threads, imat)
+            results.append(_rung(name + IMAT_SUFFIX, path, q, reused))
     step("evaluate against the base", None)
     evals = evaluate_many([Path(r.path) for r in results], base_path, text=text, ctx=ctx, chunks=chunks,
-                          threads=threads, progress=lambda done, total: step(f"evaluate chunk {done}/{total}", done / max(total, 1)))
+                          threads=threads, progress=lambda done, total: step(f"evaluate chunk {done}/{total}", done / max(total, 1)),
+                          options=options)
     for r, e in zip(results, evals):
         r.eval = e.to_dict()
     if speed:
@@ -186,7 +218,7 @@ def run_ladder(
 
         for i, r in enumerate(results):
             step(f"speed {r.name}", i / len(results))
-            r.speed = probe(r.path, n_prompt=128, n_gen=32, repetitions=2, threads=threads).to_dict()
+            r.speed = probe(r.path, n_prompt=128, n_gen=32, repetitions=2, threads=threads, options=options).to_dict()
     step("fit: memory on this machine", None)
     machine_info, fit_ctx = _fit_rungs(src, results, fit_ctx or min(trained_ctx, 8192), machine, notes)
     inversions = find_inversions(results, source_type if source_was_quantized else None)
@@ -198,7 +230,7 @@ def run_ladder(
         ctx=ctx, chunks=evals[0].n_chunks if evals else chunks, text=text_name, threads=threads, rungs=results,
         inversions=inversions, recommendation=recommendation, reasons=reasons, notes=notes,
         machine=machine_info, fit_ctx=fit_ctx,
-        seconds=time.perf_counter() - t0, out_dir=str(out),
+        seconds=time.perf_counter() - t0, out_dir=str(out), offload=evals[0].offload if evals else None,
     )
 
 

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import StreamingResponse
 
 from ..errors import LlmquantError
-from ..runtime.llama import ContextLengthError, Model, Sampling, TextStream
+from ..runtime.llama import ContextLengthError, LoadOptions, Model, Sampling, TextStream
 
 EMBED_CTX = 2048
 
@@ -161,6 +161,7 @@ class ServerState:
     api_key: str | None = None
     aliases: set[str] = field(default_factory=set)
     created: int = field(default_factory=lambda: int(time.time()))
+    options: LoadOptions = field(default_factory=LoadOptions)
     _embedder: Model | None = None
     _embed_lock: asyncio.Lock | None = None
 
@@ -181,19 +182,22 @@ class ServerState:
             if self._embedder is None:
                 n = min(self.n_ctx, EMBED_CTX)
                 self._embedder = await asyncio.to_thread(
-                    Model, self.path, n_ctx=n, n_batch=n, embedding=True, threads=self.threads)
+                    Model, self.path, **self.options.model_kwargs(n_ctx=n, n_batch=n, embedding=True, threads=self.threads))
             return self._embedder
 
 
 def load_state(path: Path, model_id: str, *, n_ctx: int, parallel: int, threads: int | None,
-               api_key: str | None, aliases: set[str] | None = None) -> ServerState:
+               api_key: str | None, aliases: set[str] | None = None, batch: int = 512,
+               options: LoadOptions | None = None) -> ServerState:
     from ..system import default_threads
 
+    options = options or LoadOptions()
     per_slot = threads or max(1, default_threads() // parallel)
-    models = [Model(path, n_ctx=n_ctx, threads=per_slot, n_batch=min(512, n_ctx)) for _ in range(parallel)]
+    models = [Model(path, **options.model_kwargs(n_ctx=n_ctx, threads=per_slot, n_batch=min(batch, n_ctx)))
+              for _ in range(parallel)]
     vocab = Model(path, vocab_only=True)
     names = {model_id, path.name, path.stem, str(path)} | (aliases or set())
-    return ServerState(model_id, path, Slots(models), vocab, n_ctx, per_slot, api_key, names)
+    return ServerState(model_id, path, Slots(models), vocab, n_ctx, per_slot, api_key, names, options=options)
 
 
 def create_app(state: ServerState):
