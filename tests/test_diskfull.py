@@ -4,7 +4,8 @@ For quantize, convert, pull and the ladder: the free space is checked against th
 size before anything is written (one line, as the CLI prints it), and when the disk fills up
 anyway (the check patched out: another process took the space) the ENOSPC is one named error.
 Either way no file or temporary file is left at the destination, the source is untouched and
-the store's index is unchanged. (imatrix: not in this checkout.)
+the store's index is unchanged. The same for imatrix (its file is written after the collection;
+here through ``llmquant imatrix --in-file``, which only combines files).
 """
 
 from __future__ import annotations
@@ -203,6 +204,31 @@ def test_ladder_on_a_small_disk(small_disk, monkeypatch):
     with pytest.raises(DiskFullError, match="filled up"):
         run_ladder(src, rungs=("Q8_0",), out_dir=out, speed=False)
     assert _entries(out) == []
+    assert _digest(src) == before
+
+
+# -- imatrix -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["gguf", "dat"])
+def test_imatrix_to_a_full_disk(small_disk, tmp_path, monkeypatch, fmt):
+    import numpy as np
+
+    import llmquant.gguf.imatrix as imatrix
+
+    rng = np.random.default_rng(0)
+    entries = {f"blk.{i}.ffn_up.weight": (rng.random((1, 576), dtype=np.float32), np.array([512.0]))
+               for i in range(30)}
+    src = imatrix.save_imatrix(tmp_path / f"in.{fmt}", entries, datasets=["calib.txt"], chunk_count=1,
+                               chunk_size=512, output_format=fmt)
+    before = _digest(src)
+    _fill(small_disk, 16 << 10)
+    r = _cli("imatrix", "--in-file", str(src), "-o", str(small_disk / f"out.{fmt}"))
+    _one_line(r, "not enough disk space")
+    assert _entries(small_disk) == []
+    monkeypatch.setattr(imatrix, "check_free_space", lambda *a, **k: None)
+    with pytest.raises(DiskFullError, match="filled up"):
+        imatrix.save_imatrix(small_disk / f"out.{fmt}", entries, datasets=["calib.txt"], chunk_count=1,
+                             chunk_size=512, output_format=fmt)
+    assert _entries(small_disk) == []
     assert _digest(src) == before
 
 

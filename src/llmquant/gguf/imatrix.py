@@ -32,7 +32,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
 from ..errors import DestinationError, ModelFileError, TensorDataError
 from ..formats import get_format
 from .recipes import _TOKEN_EMBD_NAMES, TensorPlan, ftype_name, requires_imatrix
-from .writer import TEMP_PREFIX, _GGUFWriter
+from .writer import TEMP_PREFIX, _GGUFWriter, check_free_space, planned_size, write_failed
 from .header import (
     GGUF_MAGIC,
     GGUFHeader,
@@ -410,10 +410,14 @@ def save_imatrix(
         if output_format == "gguf":
             _write_gguf(tmp, entries, datasets=datasets, chunk_count=chunk_count, chunk_size=chunk_size)
         else:
-            tmp.write_bytes(_legacy_bytes(entries, datasets=datasets, chunk_count=chunk_count, chunk_size=chunk_size))
+            data = _legacy_bytes(entries, datasets=datasets, chunk_count=chunk_count, chunk_size=chunk_size)
+            check_free_space(path.parent, len(data), what=path.name)
+            tmp.write_bytes(data)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # disk full (or another write error): one line, no temporary file
+        raise write_failed(path, exc) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -440,6 +444,7 @@ def _write_gguf(tmp: Path, entries, *, datasets, chunk_count, chunk_size) -> Non
             continue
         w.add_tensor(f"{name}{_SUM_SUFFIX}", sums)  # numpy (n_mat, n_per_row) = ggml [n_per_row, n_mat]
         w.add_tensor(f"{name}{_COUNT_SUFFIX}", counts.astype(np.float32).reshape(-1, 1))
+    check_free_space(tmp.parent, planned_size(w), what=tmp.name.removeprefix(TEMP_PREFIX).split("-", 2)[2])  # exact
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -118,6 +118,22 @@ def tensor_nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
     return n // block_size * type_size
 
 
+def planned_size(g: GGUFWriter, tensor_bytes: list[int] | None = None) -> int:
+    """The exact size of the file gguf-py's writer ``g`` will write (header, metadata, tensor
+    infos, padded data), before anything is written; ``tensor_bytes`` defaults to its tensors'."""
+    align = g.data_alignment
+    n = 4 + 4 + 8 + 8  # magic, version, tensor count, metadata count
+    for key, val in g.kv_data[0].items():
+        n += len(g._pack_val(key, GGUFValueType.STRING, add_vtype=False))
+        n += len(g._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type))
+    for name, ti in g.tensors[0].items():
+        n += len(g._pack_val(name, GGUFValueType.STRING, add_vtype=False)) + 4 + 8 * len(ti.shape) + 4 + 8
+    n = GGUFWriter.ggml_pad(n, align)
+    if tensor_bytes is None:
+        tensor_bytes = [ti.nbytes for ti in g.tensors[0].values()]
+    return n + sum(GGUFWriter.ggml_pad(nbytes, align) for nbytes in tensor_bytes)
+
+
 class AtomicGGUFWriter:
     """``with AtomicGGUFWriter(dst, arch) as w: w.add_field(...); w.add_tensor_info(...); w.start();
     w.write_tensor(...); w.commit()``; leaving the block without ``commit`` discards everything."""
@@ -157,16 +173,7 @@ class AtomicGGUFWriter:
 
     def planned_file_size(self) -> int:
         """The exact size the file will have, computed before writing anything (for --dry-run)."""
-        g = self._gguf
-        align = g.data_alignment
-        n = 4 + 4 + 8 + 8  # magic, version, tensor count, metadata count
-        for key, val in g.kv_data[0].items():
-            n += len(g._pack_val(key, GGUFValueType.STRING, add_vtype=False))
-            n += len(g._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type))
-        for name, ti in g.tensors[0].items():
-            n += len(g._pack_val(name, GGUFValueType.STRING, add_vtype=False)) + 4 + 8 * len(ti.shape) + 4 + 8
-        n = GGUFWriter.ggml_pad(n, align)
-        return n + sum(GGUFWriter.ggml_pad(nbytes, align) for _, nbytes in self._order)
+        return planned_size(self._gguf, [nbytes for _, nbytes in self._order])
 
     def start(self) -> None:
         """Check the free space against the exact planned size, then write the header."""
