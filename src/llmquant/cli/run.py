@@ -233,8 +233,13 @@ def serve(
     cache_type_k: CacheTypeKOpt = None,
     cache_type_v: CacheTypeVOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory the loaded models may use together, e.g. 8G (default: what fit counts as usable here).", show_default=False)] = None,
+    max_models: Annotated[int, typer.Option("--max-models", min=1, max=64, help="Models loaded at once at most (Ollama's OLLAMA_MAX_LOADED_MODELS).")] = 3,
 ) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API (chat, completions, embeddings, models)."""
+    """Serve models over OpenAI's and Ollama's HTTP APIs (chat, completions, embeddings, models;
+    /api/chat, /api/generate, ...). MODEL is loaded first; any store model a request names is loaded
+    on demand, least recently used ones unloaded to stay within --max-memory. --port 11434 stands in
+    for Ollama."""
     from ..models import DEFAULT_MODEL_NAME
     from ..serve.app import bind, is_loopback, load_state
     from ..serve.app import serve as run_server
@@ -255,10 +260,17 @@ def serve(
     sock = bind(host, port)
     if not is_loopback(host) and not api_key:
         err.print(f"[yellow]warning: listening on {host} without --api-key: anyone who can reach it can use it[/yellow]")
+    from ..fit.machines import parse_size
+    from ..serve.pool import ModelPool, default_budget
+
+    budget = parse_size(max_memory, what="--max-memory") if max_memory else default_budget()
     state = load_state(path, model_id, n_ctx=ctx, parallel=parallel, threads=threads or None, api_key=api_key,
                        aliases={model or DEFAULT_MODEL_NAME, "default" if model is None else model_id},
                        batch=batch, options=options)
     offload = state.slots.models[0].offload.describe()
+    pool = ModelPool(budget=budget, max_models=max_models, n_ctx=ctx, parallel=parallel, threads=threads or None,
+                     api_key=api_key, batch=batch, options=options)
+    pool.add(state)
 
     def announce(url: str) -> None:
         out.print(f"serving {model_id} on {url}/v1 ({parallel} slot{'s' if parallel > 1 else ''}, "
@@ -266,7 +278,41 @@ def serve(
                   f"{', API key required' if api_key else ''}) — Ctrl-C to stop", highlight=False, soft_wrap=True)
         sys.stdout.flush()
 
-    run_server(state, sock, log_level="info" if verbose else "warning", announce=announce)
+    run_server(state, sock, log_level="info" if verbose else "warning", announce=announce, pool=pool)
+
+
+@app.command()
+def ui(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: any free port).")] = 8080,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LLMQUANT_API_KEY", help="Require Authorization: Bearer KEY (the page asks for it).", show_default=False)] = None,
+    reports: Annotated[Optional[list[Path]], typer.Option("--reports", help="A folder to search for ladder reports (ladder.json), besides the store; repeatable.", show_default=False)] = None,
+    ctx: CtxOpt = 4096,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory the loaded models may use together (default: what fit counts as usable here).", show_default=False)] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
+) -> None:
+    """A local web page: the store's models with fit's verdict on this machine, ladder reports (table and chart),
+    and a streaming chat. Starts the server (OpenAI and Ollama APIs too) and prints its address."""
+    from ..fit.machines import parse_size
+    from ..models import DEFAULT_MODEL_NAME
+    from ..serve.app import bind, is_loopback
+    from ..serve.app import serve as run_server
+    from ..serve.pool import ModelPool, default_budget
+
+    sock = bind(host, port)
+    if not is_loopback(host) and not api_key:
+        err.print(f"[yellow]warning: listening on {host} without --api-key: anyone who can reach it can use it[/yellow]")
+    budget = parse_size(max_memory, what="--max-memory") if max_memory else default_budget()
+    pool = ModelPool(budget=budget, n_ctx=ctx, api_key=api_key)
+    pool.default = DEFAULT_MODEL_NAME
+
+    def announce(url: str) -> None:
+        out.print(f"llmquant ui on {url}/ (API on {url}/v1 and {url}/api) — Ctrl-C to stop", highlight=False,
+                  soft_wrap=True)
+        sys.stdout.flush()
+
+    run_server(None, sock, log_level="info" if verbose else "warning", announce=announce, pool=pool,
+               report_dirs=[p.expanduser() for p in reports or []])
 
 
 # -- bench -------------------------------------------------------------------------------------------------

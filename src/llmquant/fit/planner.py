@@ -804,3 +804,18 @@ def fit_for(model: str | None = None, *, machine: str | None = None, ram: str | 
 
     mach = resolve_machine(machine, ram, vram)
     return fit(load_spec(model), mach, n_ctx=n_ctx, kv_type=kv_type, n_batch=n_batch, task=task)
+
+
+# -- serving: what one loaded model costs (the server's memory budget) -------------------------------------
+
+def serving_bytes(path: str, *, n_ctx: int, parallel: int = 1, n_batch: int = 512) -> int:
+    """Memory a server needs to hold the GGUF at ``path`` with ``parallel`` slots of ``n_ctx`` each:
+    the weights once (memory-mapped, shared by the slots) plus, per slot, its KV cache, compute and
+    output buffers and runtime overhead (each slot is its own llama.cpp context)."""
+    from .catalog import spec_from_gguf
+
+    spec = spec_from_gguf(path)
+    w = Weights(spec.file_type or "?", [(n, s, t, tensor_bytes(s, t)) for n, s, t in spec.tensors],
+                spec.header_bytes, this_file=True)
+    mem = cpu_memory(spec, w, Context(n_ctx, "f16", min(n_batch, n_ctx)))
+    return mem.weights + parallel * (mem.kv + mem.compute + mem.output) + mem.overhead

@@ -82,8 +82,11 @@ class TextStream:
     stop: list[str] = field(default_factory=list)
     cancel: threading.Event | None = None
     reuse_cache: bool = False
+    grammar: str | None = None  # GBNF (llama.cpp's grammar syntax) the output must follow
+    logprobs: int | None = None  # None: none; N >= 0: each token's log-probability and the N most likely
     text: str = ""
     tokens: list[int] = field(default_factory=list)
+    token_logprobs: list["TokenLogprob"] = field(default_factory=list)
     stats: GenerationStats = field(init=False)
 
     def __post_init__(self) -> None:
@@ -103,10 +106,15 @@ class TextStream:
         llm.set_seed(s.seed if s.seed is not None else random.getrandbits(32))
         if not self.reuse_cache:
             llm.reset()
+        grammar = None
+        if self.grammar is not None:
+            from llama_cpp.llama_grammar import LlamaGrammar
+
+            grammar = LlamaGrammar.from_string(self.grammar, verbose=False)
         gen = llm.generate(
             self.prompt, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, temp=0.0 if greedy else s.temperature,
             repeat_penalty=s.repeat_penalty, frequency_penalty=s.frequency_penalty,
-            presence_penalty=s.presence_penalty, reset=True,
+            presence_penalty=s.presence_penalty, reset=True, grammar=grammar,
         )
         t0 = time.perf_counter()
         t_first = t_last = None
@@ -124,6 +132,8 @@ class TextStream:
                     stats.finish_reason = "stop"
                     break
                 self.tokens.append(tok)
+                if self.logprobs is not None:
+                    self.token_logprobs.append(m._sampled_logprob(tok, self.logprobs))
                 pending += decoder.decode(llm.detokenize([tok]))
                 if stops:
                     cut = min((i for i in (pending.find(x) for x in stops) if i >= 0), default=-1)
@@ -159,6 +169,23 @@ class TextStream:
         for _ in self:
             pass
         return self
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (log-softmax of its raw logits, before
+    any sampler or grammar), with the ``top`` most likely alternatives at that position."""
+
+    token: int
+    text: str
+    logprob: float
+    top: list[tuple[int, str, float]]
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -428,12 +455,26 @@ class Model:
     def chat_template(self) -> str | None:
         return self._llm.metadata.get("tokenizer.chat_template") or None
 
-    def format_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
-        """The prompt for ``messages`` from the model's own chat template (sandboxed; see chat.py)."""
+    def format_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None, template: str | None = None) -> str:
+        """The prompt for ``messages`` from the model's own chat template (sandboxed; see chat.py);
+        ``tools`` are passed to the template as transformers passes them; ``template`` overrides it."""
         from .chat import render_chat
 
-        return render_chat(self.chat_template, messages, bos_token=self.token_text(self.bos),
-                           eos_token=self.token_text(self.eos), add_generation_prompt=add_generation_prompt)
+        extra: dict[str, Any] = {"tools": tools} if tools else {}
+        return render_chat(template or self.chat_template, messages, bos_token=self.token_text(self.bos),
+                           eos_token=self.token_text(self.eos), add_generation_prompt=add_generation_prompt,
+                           **extra)
+
+    def _sampled_logprob(self, token: int, top: int) -> TokenLogprob:
+        """During generation: the log-probabilities of the position ``token`` was just sampled at."""
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits_ith(self._llm.ctx, -1)
+        lp = _log_softmax(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)))
+        best = np.argsort(-lp, kind="stable")[:top] if top > 0 else []
+        return TokenLogprob(token, self.detokenize([token]), float(lp[token]),
+                            [(int(t), self.detokenize([int(t)]), float(lp[t])) for t in best])
 
     def prompt_tokens(self, prompt: str | list[int]) -> list[int]:
         """A prompt as llama-cli and llama-server read it: BOS if the vocabulary wants one, and
@@ -449,6 +490,8 @@ class Model:
         stop: list[str] | None = None,
         cancel: threading.Event | None = None,
         reuse_cache: bool = False,
+        grammar: str | None = None,
+        logprobs: int | None = None,
     ) -> TextStream:
         """Stream a continuation of ``prompt`` as text pieces (iterate the result).
 
@@ -460,7 +503,8 @@ class Model:
         ids = self.prompt_tokens(prompt)
         if len(ids) >= self.n_ctx:
             raise ContextLengthError(len(ids), self.n_ctx)
-        return TextStream(self, ids, max_tokens, sampling or Sampling(), list(stop or []), cancel, reuse_cache)
+        return TextStream(self, ids, max_tokens, sampling or Sampling(), list(stop or []), cancel, reuse_cache,
+                          grammar, logprobs)
 
     def embed(self, inputs: list[str] | list[list[int]], *, normalize: bool = True) -> tuple[list[np.ndarray], int]:
         """One mean-pooled (and L2-normalized) vector per input, and the number of tokens read.
@@ -618,6 +662,56 @@ class Offload:
     def to_dict(self) -> dict:
         return {"n_gpu_layers": self.requested, "n_layers": self.n_layers, "gpu_layers": self.gpu_layers,
                 "cpu_layers": self.cpu_layers, "devices": list(self.devices), "placement": self.describe()}
+
+
+# -- grammars (llama.cpp GBNF) ---------------------------------------------------------------------
+def json_grammar() -> str:
+    """Any JSON object: llama.cpp's grammars/json.gbnf (as llama-cpp-python ships it)."""
+    from llama_cpp.llama_grammar import JSON_GBNF
+
+    return JSON_GBNF
+
+
+def json_schema_grammar(schema: dict[str, Any]) -> str:
+    """A GBNF grammar whose sentences are the JSON documents valid under ``schema``, by
+    llama-cpp-python's port of llama.cpp's json_schema_to_grammar.py. Raises ``ValueError`` for a
+    schema it cannot convert."""
+    import json
+
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return json_schema_to_gbnf(json.dumps(_bounded_integers(schema)))
+    except (ValueError, KeyError, TypeError, AssertionError, NotImplementedError, RecursionError) as exc:
+        raise ValueError(f"cannot turn the JSON schema into a grammar: {type(exc).__name__}: {exc}") from None
+
+
+_ENUM_MAX = 4096
+
+
+def _bounded_integers(node: Any) -> Any:
+    """llama-cpp-python's converter ignores ``minimum``/``maximum`` (llama.cpp's newer one has them):
+    an integer bounded on both sides by a range up to 4096 values becomes the equivalent ``enum``, so
+    the grammar enforces the bounds. (One-sided bounds stay unenforced.)"""
+    if isinstance(node, list):
+        return [_bounded_integers(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _bounded_integers(v) for k, v in node.items()}
+    if out.get("type") == "integer" and "enum" not in out and "const" not in out:
+        lo, hi = out.get("minimum"), out.get("maximum")
+        if "exclusiveMinimum" in out and isinstance(out["exclusiveMinimum"], (int, float)):
+            lo = int(out["exclusiveMinimum"]) + 1
+        if "exclusiveMaximum" in out and isinstance(out["exclusiveMaximum"], (int, float)):
+            hi = int(np.ceil(out["exclusiveMaximum"])) - 1
+        if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
+            lo, hi = int(np.ceil(lo)), int(np.floor(hi))
+            if hi < lo:
+                raise ValueError(f"integer with minimum {lo} above maximum {hi}")
+            if hi - lo < _ENUM_MAX:
+                kept = {k: v for k, v in out.items() if k in ("description", "title")}
+                return {**kept, "enum": list(range(lo, hi + 1))}
+    return out
 
 
 _KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}  # ggml_type values
