@@ -112,3 +112,13 @@ class CalibrationError(LlmquantError):
     """Calibration cannot run as asked: too little text, an empty folder, a model without ``blk.*``
     matrix multiplications, imatrix files that do not fit the model; for GPTQ/AWQ, widths that do not
     divide the group size, an architecture without layer mappings, an already-quantized source."""
+
+
+class DiskFullError(DestinationError):
+    """Not enough free space for an output (checked before writing), or the disk filled up while
+    writing (ENOSPC); the partial file has been removed."""
+
+    def __init__(self, path: object, problem: str, *, needed: int | None = None, free: int | None = None):
+        self.needed = needed
+        self.free = free
+        super().__init__(path, problem)

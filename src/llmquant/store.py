@@ -26,6 +26,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,20 +175,38 @@ def resolve_model(spec: str | Path | None) -> Path:
 
 
 def remove(spec: str) -> StoredModel:
-    model = get(spec)
-    if model.embedded:
-        raise StoreError(f"{model.name} is the embedded default model; it cannot be removed")
-    folder = Path(model.path).parent
-    trash = _tmp_dir("rm")
-    os.replace(folder, trash / "model")  # gone from the store at once, then deleted
+    with _locked():
+        model = get(spec)
+        if model.embedded:
+            raise StoreError(f"{model.name} is the embedded default model; it cannot be removed")
+        folder = Path(model.path).parent
+        trash = _tmp_dir("rm")
+        os.replace(folder, trash / "model")  # gone from the store at once, then deleted
+        for parent in (folder.parent, folder.parent.parent):  # drop empty name (and namespace) folders
+            if parent != home() / "models":
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
     shutil.rmtree(trash, ignore_errors=True)
-    for parent in (folder.parent, folder.parent.parent):  # drop empty name (and namespace) folders
-        if parent != home() / "models":
-            try:
-                parent.rmdir()
-            except OSError:
-                break
     return model
+
+
+@contextmanager
+def _locked():
+    """The store's one writer lock (``$LLMQUANT_HOME/store.lock``, flock): held only while folders
+    are renamed into or out of ``models/``, so the slow part of a pull (copy, hash) runs unlocked.
+    Readers need no lock: every change they can see is one rename."""
+    import fcntl
+
+    root = home()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "store.lock", "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 # -- details (show) ---------------------------------------------------------------------------------------
@@ -270,11 +289,19 @@ def pull(
     if full == DEFAULT_MODEL_NAME:
         raise StoreError(f"{full} is the embedded default model's name; choose another with --name")
     n, tag = parse_name(full)
-    work = _tmp_dir("pull")
+    from .gguf.writer import write_failed
+
+    try:
+        work = _tmp_dir("pull")
+    except OSError as exc:
+        raise write_failed(home() / "tmp", exc) from None
     try:
         digest = hashlib.sha256()
         for part in source.files:
-            _import_file(part, work / part.name, digest if len(source.files) == 1 else None, link, copy_chunk)
+            try:
+                _import_file(part, work / part.name, digest if len(source.files) == 1 else None, link, copy_chunk)
+            except OSError as exc:
+                raise write_failed(_model_dir(n, tag) / part.name, exc, needed=part.stat().st_size) from None
         manifest = {
             "name": full, "files": [p.name for p in source.files], "size": info["size"],
             "file_type": info["file_type"], "n_params": info["n_params"], "architecture": info["architecture"],
@@ -282,22 +309,28 @@ def pull(
             "sha256": digest.hexdigest() if len(source.files) == 1 else None,
             **({"config": config} if config else {}),
         }
-        with open(work / MANIFEST, "w") as fh:
-            json.dump(manifest, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with open(work / MANIFEST, "w") as fh:
+                json.dump(manifest, fh, indent=2)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise write_failed(_model_dir(n, tag) / MANIFEST, exc) from None
         dest = _model_dir(n, tag)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():  # replace: move the old one aside first, so dest is never half-written
-            os.replace(dest, work.parent / f"{work.name}-old")
-        os.replace(work, dest)
-        _fsync_dir(dest.parent)
+        with _locked():  # another pull or rm of the same store moves folders only under this lock
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():  # replace: move the old one aside first, so dest is never half-written
+                os.replace(dest, work.parent / f"{work.name}-old")
+            os.replace(work, dest)
+            _fsync_dir(dest.parent)
+            result = _read_manifest(dest)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work.parent / f"{work.name}-old", ignore_errors=True)
         raise
     shutil.rmtree(work.parent / f"{work.name}-old", ignore_errors=True)
-    result = _read_manifest(dest)
-    assert result is not None
+    if result is None:
+        raise StoreError(f"{full}: the pulled model could not be read back from {dest}")
     return result
 
 
@@ -473,6 +506,10 @@ def _import_file(src: Path, dst: Path, digest, link: bool, copy_chunk) -> None:
             linked = True
         except OSError:  # another filesystem, or links not supported: copy
             pass
+    if not linked:
+        from .gguf.writer import check_free_space
+
+        check_free_space(dst.parent, src.stat().st_size, what=f"a copy of {src.name} in the store")
     if linked:
         if digest is not None:
             with open(dst, "rb") as fh:

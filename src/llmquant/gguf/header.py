@@ -163,71 +163,80 @@ def parse_gguf(path: Path) -> GGUFHeader:
     if size < 24:
         raise ModelFileError(path, f"not a GGUF file: only {size} bytes")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        if mm[:4] != GGUF_MAGIC:
-            raise ModelFileError(path, f"not a GGUF file: magic is {bytes(mm[:4])!r}, expected b'GGUF'")
-        cur = _Cursor(path, mm, size)
-        cur.pos = 4
-        version = cur.u32("version")
-        if version not in SUPPORTED_VERSIONS:
-            raise ModelFileError(path, f"unsupported GGUF version {version} (supported: 2, 3)")
-        n_tensors = cur.u64("tensor count")
-        n_kv = cur.u64("metadata count")
-        left = size - cur.pos
-        # each metadata pair takes >= 8 (key length) + 4 (type) + 1 bytes; each tensor info >= 32
-        if n_kv * 13 > left:
-            raise ModelFileError(path, f"header claims {n_kv} metadata entries, more than the {left} bytes can hold")
-        if n_tensors * 32 > left:
-            raise ModelFileError(path, f"header claims {n_tensors} tensors, more than the {left} bytes can hold")
-        alignment = DEFAULT_ALIGNMENT
-        fields: dict[str, MetadataField] = {}
-        for _ in range(n_kv):
-            key = cur.string("metadata key").decode("utf-8", "replace")
-            vtype = cur.u32(f"value type of {key!r}")
-            value, sub = _read_value(cur, vtype, key)
-            fields[key] = MetadataField(key, value, GGUFValueType(vtype), sub)
-            if key == "general.alignment":
-                if vtype != GGUFValueType.UINT32:
-                    raise ModelFileError(path, "general.alignment must be a uint32")
-                alignment = value
-                if alignment == 0 or alignment & (alignment - 1):
-                    raise ModelFileError(path, f"general.alignment is {alignment}, expected a power of two")
-        infos = []
-        names = set()
-        for i in range(n_tensors):
-            name = cur.string(f"name of tensor #{i}").decode("utf-8", "replace")
-            if name in names:
-                raise ModelFileError(path, f"tensor {name!r} appears twice")
-            names.add(name)
-            n_dims = cur.u32(f"dimension count of {name!r}")
-            if not 1 <= n_dims <= MAX_DIMS:
-                raise ModelFileError(path, f"tensor {name!r} has {n_dims} dimensions, expected 1 to {MAX_DIMS}")
-            dims = [cur.u64(f"dimension of {name!r}") for _ in range(n_dims)]
-            ttype = cur.u32(f"type of {name!r}")
-            offset = cur.u64(f"offset of {name!r}")
-            try:
-                qtype = GGMLQuantizationType(ttype)
-                block_size, type_size = GGML_QUANT_SIZES[qtype]
-            except (ValueError, KeyError):
-                raise ModelFileError(path, f"tensor {name!r} has unknown ggml type {ttype}") from None
-            n_elements = 1
-            for d in dims:
-                if d == 0 or d > 1 << 40:
-                    raise ModelFileError(path, f"tensor {name!r} has absurd dimension {d} in {dims}")
-                n_elements *= d
-            if n_elements > size * 64:
-                raise ModelFileError(path, f"tensor {name!r} claims {n_elements} elements, impossible for a {size}-byte file")
-            if dims[0] % block_size:
-                raise ModelFileError(path, f"tensor {name!r} row length {dims[0]} is not a multiple of the {qtype.name} block size {block_size}")
-            if offset % alignment:
-                raise ModelFileError(path, f"tensor {name!r} offset {offset} is not aligned to {alignment}")
-            infos.append((name, tuple(dims), qtype, n_elements // block_size * type_size, offset))
-        data_start = (cur.pos + alignment - 1) // alignment * alignment
-        tensors = []
-        for name, dims, qtype, nbytes, offset in infos:
-            end = data_start + offset + nbytes
-            if end > size:
-                raise ModelFileError(
-                    path, f"truncated: tensor {name!r} ends at byte {end} but the file has only {size} bytes"
-                )
-            tensors.append(TensorEntry(name, dims, qtype, nbytes, data_start + offset))
+        return parse_gguf_buffer(mm, path)
+
+
+def parse_gguf_buffer(buf, path: object = "<bytes>") -> GGUFHeader:
+    """Parse and validate a GGUF held in ``buf`` (bytes, or a memory map of the whole file);
+    ``path`` names it in errors. Raises ModelFileError."""
+    size = len(buf)
+    if size < 24:
+        raise ModelFileError(path, f"not a GGUF file: only {size} bytes")
+    if buf[:4] != GGUF_MAGIC:
+        raise ModelFileError(path, f"not a GGUF file: magic is {bytes(buf[:4])!r}, expected b'GGUF'")
+    cur = _Cursor(path, buf, size)
+    cur.pos = 4
+    version = cur.u32("version")
+    if version not in SUPPORTED_VERSIONS:
+        raise ModelFileError(path, f"unsupported GGUF version {version} (supported: 2, 3)")
+    n_tensors = cur.u64("tensor count")
+    n_kv = cur.u64("metadata count")
+    left = size - cur.pos
+    # each metadata pair takes >= 8 (key length) + 4 (type) + 1 bytes; each tensor info >= 32
+    if n_kv * 13 > left:
+        raise ModelFileError(path, f"header claims {n_kv} metadata entries, more than the {left} bytes can hold")
+    if n_tensors * 32 > left:
+        raise ModelFileError(path, f"header claims {n_tensors} tensors, more than the {left} bytes can hold")
+    alignment = DEFAULT_ALIGNMENT
+    fields: dict[str, MetadataField] = {}
+    for _ in range(n_kv):
+        key = cur.string("metadata key").decode("utf-8", "replace")
+        vtype = cur.u32(f"value type of {key!r}")
+        value, sub = _read_value(cur, vtype, key)
+        fields[key] = MetadataField(key, value, GGUFValueType(vtype), sub)
+        if key == "general.alignment":
+            if vtype != GGUFValueType.UINT32:
+                raise ModelFileError(path, "general.alignment must be a uint32")
+            alignment = value
+            if alignment == 0 or alignment & (alignment - 1):
+                raise ModelFileError(path, f"general.alignment is {alignment}, expected a power of two")
+    infos = []
+    names = set()
+    for i in range(n_tensors):
+        name = cur.string(f"name of tensor #{i}").decode("utf-8", "replace")
+        if name in names:
+            raise ModelFileError(path, f"tensor {name!r} appears twice")
+        names.add(name)
+        n_dims = cur.u32(f"dimension count of {name!r}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise ModelFileError(path, f"tensor {name!r} has {n_dims} dimensions, expected 1 to {MAX_DIMS}")
+        dims = [cur.u64(f"dimension of {name!r}") for _ in range(n_dims)]
+        ttype = cur.u32(f"type of {name!r}")
+        offset = cur.u64(f"offset of {name!r}")
+        try:
+            qtype = GGMLQuantizationType(ttype)
+            block_size, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise ModelFileError(path, f"tensor {name!r} has unknown ggml type {ttype}") from None
+        n_elements = 1
+        for d in dims:
+            if d == 0 or d > 1 << 40:
+                raise ModelFileError(path, f"tensor {name!r} has absurd dimension {d} in {dims}")
+            n_elements *= d
+        if n_elements > size * 64:
+            raise ModelFileError(path, f"tensor {name!r} claims {n_elements} elements, impossible for a {size}-byte file")
+        if dims[0] % block_size:
+            raise ModelFileError(path, f"tensor {name!r} row length {dims[0]} is not a multiple of the {qtype.name} block size {block_size}")
+        if offset % alignment:
+            raise ModelFileError(path, f"tensor {name!r} offset {offset} is not aligned to {alignment}")
+        infos.append((name, tuple(dims), qtype, n_elements // block_size * type_size, offset))
+    data_start = (cur.pos + alignment - 1) // alignment * alignment
+    tensors = []
+    for name, dims, qtype, nbytes, offset in infos:
+        end = data_start + offset + nbytes
+        if end > size:
+            raise ModelFileError(
+                path, f"truncated: tensor {name!r} ends at byte {end} but the file has only {size} bytes"
+            )
+        tensors.append(TensorEntry(name, dims, qtype, nbytes, data_start + offset))
     return GGUFHeader(version, alignment, data_start, size, fields, tensors)

@@ -32,13 +32,13 @@ from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
 from ..errors import DestinationError, ModelFileError, TensorDataError
 from ..formats import get_format
 from .recipes import _TOKEN_EMBD_NAMES, TensorPlan, ftype_name, requires_imatrix
-from .writer import TEMP_PREFIX, _GGUFWriter
+from .writer import TEMP_PREFIX, _GGUFWriter, check_free_space, planned_size, write_failed
 from .header import (
     GGUF_MAGIC,
     GGUFHeader,
     MetadataField,
     TensorEntry,
-    parse_gguf,
+    parse_gguf_buffer,
 )
 
 # keys llama-quantize writes into its output (quantize.cpp LLM_KV_QUANTIZE_IMATRIX_*)
@@ -101,11 +101,29 @@ def load_imatrix(path: str | Path) -> Imatrix:
         raise ModelFileError(path, "no such file")
     if path.is_dir():
         raise ModelFileError(path, "is a folder, expected an imatrix file (.gguf or .dat)")
+    return _mapped(path, lambda buf: load_imatrix_buffer(buf, path))
+
+
+def _mapped(path: Path, read):
+    """``read(buffer)`` over the whole file memory-mapped (an empty file: over b"")."""
+    if path.stat().st_size == 0:
+        return read(b"")
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == GGUF_MAGIC:
-        return _load_gguf(path, parse_gguf(path))
-    return _load_legacy(path)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        return read(mm)
+    finally:
+        try:
+            mm.close()
+        except BufferError:  # a view still alive (in a traceback): the mapping goes with it
+            pass
+
+
+def load_imatrix_buffer(buf, path: object = "<bytes>") -> Imatrix:
+    """The same for a whole file held in ``buf`` (bytes or a memory map); ``path`` names it."""
+    if buf[:4] == GGUF_MAGIC:
+        return _load_gguf(path, parse_gguf_buffer(buf, path), buf)
+    return _load_legacy(path, buf)
 
 
 def check_importance(
@@ -128,8 +146,8 @@ def check_importance(
 
 # -- GGUF (common_imatrix_load) -----------------------------------------------------------------------
 
-def _load_gguf(path: Path, header: GGUFHeader) -> Imatrix:
-    raw = _read_gguf_raw(path, header)
+def _load_gguf(path: Path, header: GGUFHeader, buf) -> Imatrix:
+    raw = _read_gguf_raw(path, header, buf)
     entries = {
         name: _check_finite(path, name, _mean_per_expert(sums, counts)) for name, (sums, counts) in raw.entries.items()
     }
@@ -157,15 +175,17 @@ def load_imatrix_raw(path: str | Path) -> RawImatrix:
         raise ModelFileError(path, "no such file")
     if path.is_dir():
         raise ModelFileError(path, "is a folder, expected an imatrix file (.gguf or .dat)")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == GGUF_MAGIC:
-        return _read_gguf_raw(path, parse_gguf(path))
-    im = _load_legacy(path, raw=True)
+    return _mapped(path, lambda buf: _raw_from_buffer(buf, path))
+
+
+def _raw_from_buffer(buf, path) -> RawImatrix:
+    if buf[:4] == GGUF_MAGIC:
+        return _read_gguf_raw(path, parse_gguf_buffer(buf, path), buf)
+    im = _load_legacy(path, buf, raw=True)
     return RawImatrix(path, im.entries, im.datasets, im.chunk_count, 0, True)  # type: ignore[arg-type]
 
 
-def _read_gguf_raw(path: Path, header: GGUFHeader) -> RawImatrix:
+def _read_gguf_raw(path: Path, header: GGUFHeader, buf) -> RawImatrix:
     fields = header.fields
     missing = [k for k in _META_KEYS if k not in fields]
     if missing:
@@ -186,7 +206,7 @@ def _read_gguf_raw(path: Path, header: GGUFHeader) -> RawImatrix:
         raise ModelFileError(path, f"not an imatrix: no '<tensor>{_SUM_SUFFIX}' / '<tensor>{_COUNT_SUFFIX}' tensors")
 
     entries: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+    data = np.frombuffer(buf, dtype=np.uint8)
     try:
         for name in sorted(pairs):
             sums_t, counts_t = pairs[name]
@@ -235,7 +255,8 @@ def _mean_per_expert(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
     divisor = rounded.astype(np.float32)
     out = np.ones((counts.size, ne0), dtype=np.float32)
     sums = sums.reshape(counts.size, ne0)
-    np.divide(sums, divisor[:, None], out=out, where=positive[:, None])
+    with np.errstate(all="ignore"):  # non-finite results are refused by _check_finite
+        np.divide(sums, divisor[:, None], out=out, where=positive[:, None])
     return out.reshape(-1)
 
 
@@ -285,45 +306,45 @@ class _Reader:
         return self.take(n, what).split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-def _load_legacy(path: Path, raw: bool = False) -> Imatrix:
-    size = path.stat().st_size
+def _load_legacy(path: Path, buf, raw: bool = False) -> Imatrix:
+    size = len(buf)
     if size < 4:
         raise ModelFileError(path, f"not an imatrix: only {size} bytes (neither GGUF nor a legacy .dat imatrix)")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        r = _Reader(path, mm, size)
-        n_entries = r.i32("entry count")
-        if n_entries < 1 or n_entries * _MIN_LEGACY_ENTRY > r.left:
-            raise ModelFileError(
-                path, f"not an imatrix: not GGUF, and as a legacy .dat imatrix it claims {n_entries} entries, "
-                f"which its {size} bytes cannot hold"
-            )
-        entries: dict[str, np.ndarray] = {}
-        for i in range(n_entries):
-            n = r.i32(f"name length of entry #{i}")
-            if n < 0 or n > r.left:
-                raise r.fail(f"not an imatrix: legacy entry #{i} claims a name of {n} bytes ({r.left} left)")
-            name = r.c_string(n, f"name of entry #{i}")
-            ncall = r.i32(f"ncall of {name!r}")
-            nval = r.i32(f"value count of {name!r}")
-            if nval < 1:
-                raise r.fail(f"legacy imatrix entry {name!r} claims {nval} values, expected at least 1")
-            if nval * 4 > r.left:
-                raise r.fail(f"truncated legacy imatrix: entry {name!r} claims {nval} values ({nval * 4} bytes), "
-                             f"{r.left} bytes left")
-            sums = np.frombuffer(r.take(nval * 4, f"values of {name!r}"), dtype="<f4")
-            if raw:  # common_imatrix_load_legacy: sums as stored, counts = {ncall}
-                entries[name] = (sums.copy(), np.array([ncall], dtype=np.float32))  # type: ignore[assignment]
-                continue
-            # quantize.cpp: sums hold (raw / count) * ncall; divide by ncall when it is positive
+    r = _Reader(path, buf, size)
+    n_entries = r.i32("entry count")
+    if n_entries < 1 or n_entries * _MIN_LEGACY_ENTRY > r.left:
+        raise ModelFileError(
+            path, f"not an imatrix: not GGUF, and as a legacy .dat imatrix it claims {n_entries} entries, "
+            f"which its {size} bytes cannot hold"
+        )
+    entries: dict[str, np.ndarray] = {}
+    for i in range(n_entries):
+        n = r.i32(f"name length of entry #{i}")
+        if n < 0 or n > r.left:
+            raise r.fail(f"not an imatrix: legacy entry #{i} claims a name of {n} bytes ({r.left} left)")
+        name = r.c_string(n, f"name of entry #{i}")
+        ncall = r.i32(f"ncall of {name!r}")
+        nval = r.i32(f"value count of {name!r}")
+        if nval < 1:
+            raise r.fail(f"legacy imatrix entry {name!r} claims {nval} values, expected at least 1")
+        if nval * 4 > r.left:
+            raise r.fail(f"truncated legacy imatrix: entry {name!r} claims {nval} values ({nval * 4} bytes), "
+                         f"{r.left} bytes left")
+        sums = np.frombuffer(r.take(nval * 4, f"values of {name!r}"), dtype="<f4")
+        if raw:  # common_imatrix_load_legacy: sums as stored, counts = {ncall}
+            entries[name] = (sums.copy(), np.array([ncall], dtype=np.float32))  # type: ignore[assignment]
+            continue
+        # quantize.cpp: sums hold (raw / count) * ncall; divide by ncall when it is positive
+        with np.errstate(all="ignore"):  # non-finite results are refused by _check_finite
             values = sums / np.float32(ncall) if ncall > 0 else sums.copy()
-            entries[name] = _check_finite(path, name, values.astype(np.float32, copy=False))  # a repeated name: the last wins
-        chunk_count, datasets = 0, []
-        if r.left:  # optional trailer: last_call, then the dataset name
-            chunk_count = r.i32("chunk count after the entries")
-            if r.left >= 4:
-                n = r.i32("dataset name length")
-                if n > 0:
-                    datasets.append(r.c_string(n, "dataset name"))
+        entries[name] = _check_finite(path, name, values.astype(np.float32, copy=False))  # a repeated name: the last wins
+    chunk_count, datasets = 0, []
+    if r.left:  # optional trailer: last_call, then the dataset name
+        chunk_count = r.i32("chunk count after the entries")
+        if r.left >= 4:
+            n = r.i32("dataset name length")
+            if n > 0:
+                datasets.append(r.c_string(n, "dataset name"))
     return Imatrix(path, dict(sorted(entries.items())), datasets, chunk_count, 0, "legacy")
 
 
@@ -389,10 +410,14 @@ def save_imatrix(
         if output_format == "gguf":
             _write_gguf(tmp, entries, datasets=datasets, chunk_count=chunk_count, chunk_size=chunk_size)
         else:
-            tmp.write_bytes(_legacy_bytes(entries, datasets=datasets, chunk_count=chunk_count, chunk_size=chunk_size))
+            data = _legacy_bytes(entries, datasets=datasets, chunk_count=chunk_count, chunk_size=chunk_size)
+            check_free_space(path.parent, len(data), what=path.name)
+            tmp.write_bytes(data)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # disk full (or another write error): one line, no temporary file
+        raise write_failed(path, exc) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -419,6 +444,7 @@ def _write_gguf(tmp: Path, entries, *, datasets, chunk_count, chunk_size) -> Non
             continue
         w.add_tensor(f"{name}{_SUM_SUFFIX}", sums)  # numpy (n_mat, n_per_row) = ggml [n_per_row, n_mat]
         w.add_tensor(f"{name}{_COUNT_SUFFIX}", counts.astype(np.float32).reshape(-1, 1))
+    check_free_space(tmp.parent, planned_size(w), what=tmp.name.removeprefix(TEMP_PREFIX).split("-", 2)[2])  # exact
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -9,15 +9,17 @@ Serialisation is gguf-py's GGUFWriter.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import shutil
 import struct
 from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFEndian, GGUFValueType, GGUFWriter
 
-from ..errors import DestinationError
+from ..errors import DestinationError, DiskFullError
 from .header import MetadataField
 
 TEMP_PREFIX = ".llmquant-partial-"
@@ -70,10 +72,66 @@ def check_destination(dst: str | Path, *, force: bool, src: str | Path | None = 
     return dst
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def check_free_space(folder: str | Path, needed: int, *, what: str = "the output") -> None:
+    """DiskFullError unless ``folder``'s filesystem has ``needed`` bytes free (rounded up to whole
+    4 KiB blocks, as the file will occupy)."""
+    folder = Path(folder)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # cannot tell (e.g. a FUSE mount): the write itself will say
+    blocks = -(-needed // 4096) * 4096
+    if blocks > free:
+        raise DiskFullError(folder, f"not enough disk space for {what}: it needs {_mib(blocks)}, "
+                            f"{_mib(free)} are free", needed=blocks, free=free)
+
+
+def write_failed(path: Path, exc: OSError, *, needed: int | None = None) -> DestinationError:
+    """One line for an OSError met while writing ``path`` (disk full above all)."""
+    try:
+        free: int | None = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    # gguf-py and numpy's tofile report a short write without an errno
+    # ("N requested and M written", "Not enough free space to write N bytes after offset M")
+    text = str(exc).lower()
+    short_write = exc.errno is None and ("requested and" in text or "free space" in text
+                                         or (free is not None and free < 1 << 20))
+    if exc.errno in _FULL or short_write:
+        room = f" ({_mib(free)} free)" if free is not None else ""
+        need = f"; the file needs {_mib(needed)}" if needed else ""
+        return DiskFullError(path, f"the disk filled up while writing{need}{room}; the partial file was removed",
+                             needed=needed, free=free)
+    return DestinationError(path, f"cannot write: {exc.strerror or exc}; the partial file was removed")
+
+
 def tensor_nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     n = int(np.prod(shape))
     return n // block_size * type_size
+
+
+def planned_size(g: GGUFWriter, tensor_bytes: list[int] | None = None) -> int:
+    """The exact size of the file gguf-py's writer ``g`` will write (header, metadata, tensor
+    infos, padded data), before anything is written; ``tensor_bytes`` defaults to its tensors'."""
+    align = g.data_alignment
+    n = 4 + 4 + 8 + 8  # magic, version, tensor count, metadata count
+    for key, val in g.kv_data[0].items():
+        n += len(g._pack_val(key, GGUFValueType.STRING, add_vtype=False))
+        n += len(g._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type))
+    for name, ti in g.tensors[0].items():
+        n += len(g._pack_val(name, GGUFValueType.STRING, add_vtype=False)) + 4 + 8 * len(ti.shape) + 4 + 8
+    n = GGUFWriter.ggml_pad(n, align)
+    if tensor_bytes is None:
+        tensor_bytes = [ti.nbytes for ti in g.tensors[0].values()]
+    return n + sum(GGUFWriter.ggml_pad(nbytes, align) for nbytes in tensor_bytes)
 
 
 class AtomicGGUFWriter:
@@ -92,6 +150,7 @@ class AtomicGGUFWriter:
         self._next = 0
         self._started = False
         self._done = False
+        self._size: int | None = None
 
     # -- metadata ------------------------------------------------------------------------------
     def add_field(self, field: MetadataField) -> None:
@@ -114,24 +173,21 @@ class AtomicGGUFWriter:
 
     def planned_file_size(self) -> int:
         """The exact size the file will have, computed before writing anything (for --dry-run)."""
-        g = self._gguf
-        align = g.data_alignment
-        n = 4 + 4 + 8 + 8  # magic, version, tensor count, metadata count
-        for key, val in g.kv_data[0].items():
-            n += len(g._pack_val(key, GGUFValueType.STRING, add_vtype=False))
-            n += len(g._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type))
-        for name, ti in g.tensors[0].items():
-            n += len(g._pack_val(name, GGUFValueType.STRING, add_vtype=False)) + 4 + 8 * len(ti.shape) + 4 + 8
-        n = GGUFWriter.ggml_pad(n, align)
-        return n + sum(GGUFWriter.ggml_pad(nbytes, align) for _, nbytes in self._order)
+        return planned_size(self._gguf, [nbytes for _, nbytes in self._order])
 
     def start(self) -> None:
+        """Check the free space against the exact planned size, then write the header."""
         if self.dst.exists() and not self.force:
             raise DestinationError(self.dst, "already exists; pass --force to overwrite it")
-        self._gguf.write_header_to_file(self.tmp)
-        self._started = True
-        self._gguf.write_kv_data_to_file()
-        self._gguf.write_ti_data_to_file()
+        self._size = self.planned_file_size()
+        check_free_space(self.dst.parent, self._size, what=self.dst.name)
+        try:
+            self._gguf.write_header_to_file(self.tmp)
+            self._started = True
+            self._gguf.write_kv_data_to_file()
+            self._gguf.write_ti_data_to_file()
+        except OSError as exc:
+            raise write_failed(self.dst, exc, needed=self._size) from None
 
     def write_tensor(self, name: str, data: np.ndarray) -> None:
         if not self._started:
@@ -142,7 +198,10 @@ class AtomicGGUFWriter:
         data = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
         if data.nbytes != nbytes:
             raise RuntimeError(f"tensor {name!r}: {data.nbytes} bytes, expected {nbytes}")
-        self._gguf.write_tensor_data(data)
+        try:
+            self._gguf.write_tensor_data(data)
+        except OSError as exc:
+            raise write_failed(self.dst, exc, needed=self._size) from None
         self._next += 1
 
     def commit(self) -> Path:
@@ -151,10 +210,13 @@ class AtomicGGUFWriter:
         if not self._started:
             self.start()
         fouts = self._gguf.fout or []
-        for f in fouts:
-            f.flush()
-            os.fsync(f.fileno())
-        self._gguf.close()
+        try:
+            for f in fouts:
+                f.flush()
+                os.fsync(f.fileno())
+            self._gguf.close()
+        except OSError as exc:
+            raise write_failed(self.dst, exc, needed=self._size) from None
         if self.dst.exists() and not self.force:
             raise DestinationError(self.dst, "appeared while writing; pass --force to overwrite it")
         os.replace(self.tmp, self.dst)
@@ -172,6 +234,12 @@ class AtomicGGUFWriter:
     def abort(self) -> None:
         try:
             self._gguf.close()
+        except OSError:  # flushing into a full disk fails again: the file goes anyway
+            for f in self._gguf.fout or []:
+                try:
+                    f.close()
+                except OSError:
+                    pass
         finally:
             if not self._done:
                 try:

@@ -14,6 +14,7 @@ tensors of each file in name order.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,46 +53,66 @@ def parse_safetensors(path: str | Path) -> list[SafetensorsEntry]:
     if not path.is_file():
         raise ModelFileError(path, "no such file")
     size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = _header_length(path, f.read(8), size)
+        raw = f.read(n)
+    return _tensor_table(path, raw, size)
+
+
+def parse_safetensors_buffer(buf: bytes, path: object = "<bytes>") -> list[SafetensorsEntry]:
+    """The same for a whole file held in memory (``path`` names it in errors)."""
+    size = len(buf)
+    n = _header_length(path, bytes(buf[:8]), size)
+    return _tensor_table(path, bytes(buf[8:8 + n]), size)
+
+
+def _header_length(path, first: bytes, size: int) -> int:
     if size < 8:
         raise ModelFileError(path, f"not a safetensors file: only {size} bytes")
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n > size - 8:
-            raise ModelFileError(path, f"corrupt safetensors header: it claims {n} bytes but the file has only {size - 8} after the length")
-        if n > MAX_HEADER_BYTES:
-            raise ModelFileError(path, f"corrupt safetensors header: {n} bytes is more than the {MAX_HEADER_BYTES} allowed")
-        raw = f.read(n)
+    n = int.from_bytes(first, "little")
+    if n > size - 8:
+        raise ModelFileError(path, f"corrupt safetensors header: it claims {n} bytes but the file has only {size - 8} after the length")
+    if n > MAX_HEADER_BYTES:
+        raise ModelFileError(path, f"corrupt safetensors header: {n} bytes is more than the {MAX_HEADER_BYTES} allowed")
+    return n
+
+
+def _tensor_table(path, raw: bytes, size: int) -> list[SafetensorsEntry]:
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise ModelFileError(path, f"corrupt safetensors header: not UTF-8 ({exc})") from None
+    except RecursionError:  # json nests one Python frame per level
+        raise ModelFileError(path, "corrupt safetensors header: JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of more than 4300 digits
         raise ModelFileError(path, f"corrupt safetensors header: not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise ModelFileError(path, "corrupt safetensors header: expected a JSON object")
-    data_start = 8 + n
+    data_start = 8 + len(raw)
     data_size = size - data_start
     entries = []
     spans = []
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        where = f"tensor {name!r}"
+        where = f"tensor {_short(name)}"
         if not isinstance(meta, dict):
             raise ModelFileError(path, f"corrupt safetensors header: {where} is not an object")
         dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             known = ", ".join(DTYPES)
-            raise ModelFileError(path, f"{where} has dtype {dtype!r}; llmquant reads {known}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)):
-            raise ModelFileError(path, f"corrupt safetensors header: {where} has shape {shape!r}")
+            raise ModelFileError(path, f"{where} has dtype {_short(dtype)}; llmquant reads {known}")
+        if not (isinstance(shape, list) and len(shape) <= 8
+                and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)):
+            raise ModelFileError(path, f"corrupt safetensors header: {where} has shape {_short(shape)}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-            raise ModelFileError(path, f"corrupt safetensors header: {where} has data_offsets {offsets!r}")
+            raise ModelFileError(path, f"corrupt safetensors header: {where} has data_offsets {_short(offsets)}")
         begin, end = offsets
         if not 0 <= begin <= end:
-            raise ModelFileError(path, f"corrupt safetensors header: {where} has data_offsets {offsets!r}")
+            raise ModelFileError(path, f"corrupt safetensors header: {where} has data_offsets {_short(offsets)}")
         if end > data_size:
             raise ModelFileError(path, f"truncated: {where} ends at data byte {end} but the file holds only {data_size} data bytes")
-        n_elements = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        expected = n_elements * DTYPES[dtype][0]
+        expected = math.prod(shape) * DTYPES[dtype][0]  # exact (numpy's int64 product could wrap)
         if end - begin != expected:
             raise ModelFileError(
                 path, f"corrupt safetensors header: {where} {dtype}{shape} needs {expected} bytes but data_offsets span {end - begin}"
@@ -103,6 +124,15 @@ def parse_safetensors(path: str | Path) -> list[SafetensorsEntry]:
         if b1 < e0:
             raise ModelFileError(path, f"corrupt safetensors header: tensors {n0!r} and {n1!r} overlap")
     return sorted(entries, key=lambda e: e.name)
+
+
+def _short(value: object) -> str:
+    """repr() cut to one readable line (a hostile header can put megabytes in one field)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"<{type(value).__name__} nested too deeply>"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 _SLICE_BYTES = 8 << 20  # source bytes mapped in at a time

@@ -13,7 +13,7 @@ from typing import Callable
 
 from gguf import LlamaFileType
 
-from ..errors import LlmquantError
+from ..errors import DestinationError, LlmquantError
 from ..system import default_threads
 from ..store import resolve_model
 from ..quantize import QuantizeResult, output_is_current, quantize_model
@@ -86,6 +86,25 @@ _NO_IMATRIX = {"F32", "F16", "BF16", "Q8_0"}
 IMAT_SUFFIX = "+imat"
 
 
+def _check_space(src: Path, outputs: list[tuple[Path, LlamaFileType]]) -> None:
+    """Before writing anything: room for every file still to write (their exact planned sizes; a
+    stale file being replaced needs room for one temporary copy at a time)."""
+    from ..gguf.writer import check_free_space
+
+    options = RecipeOptions(allow_requantize=True)
+    new, replaced = 0, 0
+    for path, ftype in outputs:
+        if path.exists() and output_is_current(path, src, ftype, options):
+            continue
+        size = quantize_model(src, None, ftype, options=options, dry_run=True).file_bytes or 0
+        if path.exists():
+            replaced = max(replaced, size)
+        else:
+            new += size
+    if new or replaced:
+        check_free_space(outputs[0][0].parent, new + replaced, what=f"the ladder's {len(outputs)} files")
+
+
 def _rung(name: str, path: Path, q: QuantizeResult, reused: bool) -> RungResult:
     quantized = [p for p in q.plans if p.quantizable]
     total = sum(math.prod(p.shape) for p in quantized) or 1
@@ -128,6 +147,7 @@ def run_ladder(
     threads = default_threads(threads)
     src = resolve_model(model)
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     ftypes = [(name.upper(), parse_ftype(name)) for name in rungs]
     with GGUFSource(src) as s:
@@ -149,6 +169,12 @@ def run_ladder(
     except (ValueError, OSError):
         pass
     base_path = out / f"{stem}-{ftype_name(base_ftype)}.gguf"
+    try:
+        _check_space(src, [(base_path, base_ftype)] + [(out / f"{stem}-{n}.gguf", f) for n, f in ftypes])
+    except DestinationError:
+        if created:  # leave no trace
+            out.rmdir()
+        raise
     step(f"base: {ftype_name(base_ftype)} rendering of the source", None)
     _quantize(src, base_path, base_ftype, threads)
     if source_was_quantized:

@@ -168,11 +168,18 @@ def plot(result: LadderResult, path: Path) -> None:
 def write_all(result: LadderResult, out_dir: Path) -> dict[str, str]:
     out_dir = Path(out_dir)
     paths = {"json": out_dir / "ladder.json", "md": out_dir / "ladder.md", "png": out_dir / "ladder.png"}
-    for key, text in (("json", json.dumps(result.to_dict(), indent=2, default=str) + "\n"), ("md", markdown(result))):
-        tmp = paths[key].with_suffix(paths[key].suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(paths[key])
-    tmp_png = out_dir / "ladder.tmp.png"
-    plot(result, tmp_png)
-    tmp_png.replace(paths["png"])
+    from ..gguf.writer import write_failed
+
+    texts = (("json", json.dumps(result.to_dict(), indent=2, default=str) + "\n"), ("md", markdown(result)), ("png", None))
+    for key, text in texts:
+        tmp = out_dir / f"ladder.tmp.{key}"
+        try:
+            if text is None:
+                plot(result, tmp)
+            else:
+                tmp.write_text(text)
+            tmp.replace(paths[key])
+        except OSError as exc:  # disk full: no .tmp left behind, one line
+            tmp.unlink(missing_ok=True)
+            raise write_failed(paths[key], exc) from None
     return {k: str(v) for k, v in paths.items()}

@@ -246,6 +246,9 @@ def create_app(state: ServerState | None, pool: Any = None, report_dirs: list[Pa
             isinstance(body.input, list) and body.input and isinstance(body.input[0], int)) else list(body.input)
         if not items or any(len(x) == 0 for x in items):
             raise APIError(400, "input must not be empty", param="input")
+        n_vocab = state.vocab.n_vocab  # token ids out of range make llama_decode fail (found by schemathesis)
+        if any(isinstance(x, list) and any(not 0 <= t < n_vocab for t in x) for x in items):
+            raise APIError(400, f"input token ids must be in 0..{n_vocab - 1}", param="input")
         if body.dimensions is not None:
             raise APIError(400, "dimensions is not supported", param="dimensions")
 
