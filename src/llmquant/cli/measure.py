@@ -84,6 +84,7 @@ def eval_(
     text: Annotated[Optional[str], typer.Option("--text", help="Text file, or folder of .txt/.md files; default: the built-in text.")] = None,
     ctx: Annotated[int, typer.Option("--ctx", "-c", help="Tokens per chunk; the second half of each chunk is scored.")] = 512,
     chunks: Annotated[Optional[int], typer.Option("--chunks", min=1, help="Evaluate at most N chunks (default: all).")] = None,
+    base_logits: Annotated[Optional[Path], typer.Option("--base-logits", help="Base log-probabilities in llama-perplexity's --kl-divergence-base format: read when the file exists (its tokens and context are used), else computed from --base and written.")] = None,
     threads: ThreadsOpt = 0,
     as_json: JsonOpt = False,
 ) -> None:
@@ -93,7 +94,7 @@ def eval_(
 
     path = resolve_model(model)
     base_path = resolve_model(base) if base is not None else None
-    opts = dict(text=text, ctx=ctx, chunks=chunks, threads=threads or None)
+    opts = dict(text=text, ctx=ctx, chunks=chunks, threads=threads or None, base_logits=base_logits)
     if as_json:
         result = evaluate(path, base_path, **opts)
     else:
@@ -102,7 +103,8 @@ def eval_(
     if as_json:
         _print_json(result.to_dict())
         return
-    t = Table(title=f"{path.name}" + (f" vs {base_path.name}" if base_path else ""))
+    against = base_path.name if base_path else base_logits.name if base_logits else None
+    t = Table(title=f"{path.name}" + (f" vs {against}" if against else ""))
     t.add_column("statistic")
     t.add_column("value", justify="right")
     t.add_row("PPL(Q)", f"{result.ppl:.4f} ± {result.ppl_err:.4f}")
