@@ -117,3 +117,7 @@ class DiskSpaceError(LlmquantError):
         super().__init__(
             f"{path}: not enough free disk space for the {what}: it needs {need / 2**30:.2f} GiB, "
             f"{free / 2**30:.2f} GiB are free there; free space or choose another --out")
+
+
+class LadderError(LlmquantError):
+    """The ladder cannot run as asked (bad --keep, ...)."""

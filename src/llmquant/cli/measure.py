@@ -11,6 +11,7 @@ from rich.table import Table
 
 from .options import (
     JsonOpt,
+    StepLines,
     ModelArg,
     ThreadsOpt,
     _print_json,
@@ -35,11 +36,12 @@ def ladder(
     machine: Annotated[str, typer.Option("--machine", help="Machine to fit on (see llmquant fit --machine list).")] = "this",
     threads: ThreadsOpt = 0,
     name: Annotated[Optional[str], typer.Option("--name", help="Also store every rung as NAME[:TAG]-RUNG (e.g. smollm2:135m -> smollm2:135m-q4_k_m).", show_default=False)] = None,
+    keep: Annotated[Optional[str], typer.Option("--keep", help="Rung files to keep: all, best (the recommended one) or none; default: all below 3B parameters, best above.", show_default=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The main job: quantize to every rung, measure quality loss, size and speed, and recommend one."""
     from ..measure.ladder import run_ladder
-    from ..measure.report import footer_lines, header_lines, table, write_all
+    from ..measure.report import footer_lines, header_lines, plain_table, table, write_all
 
     names = tuple(r.strip() for r in rungs.split(",") if r.strip())
     if name:
@@ -47,28 +49,35 @@ def ladder(
 
         for r in names:
             parse_name(rung_name(name, r))  # a bad name fails before any work
+    log_lines = not err.is_terminal
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
-                  transient=True, disable=as_json) as bar:
+                  transient=True, disable=as_json or log_lines) as bar:
         task = bar.add_task("ladder", total=1.0)
+        lines = StepLines(err.file) if log_lines and not as_json else None
 
         def step(desc: str, frac: float | None) -> None:
+            if lines is not None:
+                lines(desc, frac)
             bar.update(task, description=desc, completed=frac if frac is not None else 0)
 
         result = run_ladder(model, rungs=names, out_dir=out_dir, text=text, ctx=ctx, chunks=chunks,
                             threads=threads or None, speed=not no_speed, fit_ctx=fit_ctx, machine=machine,
-                            step=step)
+                            step=step, keep=keep)
     paths = write_all(result, out_dir)
     stored = []
     if name:
         from ..store import register, rung_name
 
-        stored = [register(r.path, rung_name(name, r.name)).name for r in result.rungs]
+        stored = [register(r.path, rung_name(name, r.name)).name for r in result.rungs if r.kept]
     if as_json:
         _print_json({**result.to_dict(), "outputs": paths, **({"stored_as": stored} if stored else {})})
         return
     for line in header_lines(result):
         out.print(line, highlight=False)
-    out.print(table(result))
+    if out.is_terminal and out.width >= 120:
+        out.print(table(result))
+    else:  # a log or a narrow terminal: plain columns that fit its width
+        out.print(plain_table(result, width=out.width if out.is_terminal else 80), highlight=False, markup=False)
     for line in footer_lines(result):
         out.print(line, highlight=False)
     out.print(f"wrote {paths['json']}, {paths['md']}, {paths['png']} in {result.seconds:.0f} s", highlight=False)

@@ -86,3 +86,33 @@ class _TensorProgress:
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+class StepLines:
+    """Progress a log can read: one line per step, with the elapsed time and, from the overall
+    fraction done, an ETA. Repeated updates of one step (e.g. "evaluate Q4_K_M: chunk 3/40") print
+    a line when the step starts and then at most once a minute."""
+
+    def __init__(self, stream, every: float = 60.0):
+        import time
+
+        self.stream, self.every, self.clock = stream, every, time.monotonic
+        self.t0 = self.clock()
+        self.last_head, self.last_time = None, -1e9
+
+    def __call__(self, desc: str, frac: float | None) -> None:
+        now = self.clock()
+        head = desc.split(":")[0]
+        if head == self.last_head and now - self.last_time < self.every:
+            return
+        self.last_head, self.last_time = head, now
+        elapsed = now - self.t0
+        eta = f", ETA {_clock(elapsed * (1 - frac) / frac)}" if frac and 0 < frac < 1 and elapsed > 1 else ""
+        pct = f"{100 * frac:3.0f}% " if frac is not None else ""
+        self.stream.write(f"[{_clock(elapsed)}{eta}] {pct}{desc}\n")
+        self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
