@@ -26,6 +26,9 @@ err = Console(stderr=True)
 # -- shared options (defined once) ------------------------------------------------------------------
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", "-t", min=0, help="Worker threads (0: one per core).")]
+SplitOpt = Annotated[Optional[str], typer.Option(
+    "--split-max-size", help="Write llama.cpp's split files (NAME-00001-of-0000N.gguf) of at most SIZE each, e.g. 50G or 500M (as gguf-split).",
+    show_default=False)]
 ModelArg = Annotated[
     Optional[str], typer.Argument(help="A GGUF file or a stored model's NAME[:TAG]; default: the embedded SmolLM2-135M-Instruct.", show_default=False)
 ]
@@ -116,3 +119,16 @@ class StepLines:
 def _clock(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def split_bytes(size: str | None) -> int:
+    """--split-max-size SIZE in bytes (0: one file); a bad size is a one-line error."""
+    if not size:
+        return 0
+    from ..errors import LlmquantError
+    from ..gguf.split import parse_size
+
+    try:
+        return parse_size(size)
+    except ValueError as exc:
+        raise LlmquantError(f"--split-max-size: {exc}") from None
