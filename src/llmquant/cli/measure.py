@@ -101,8 +101,8 @@ def eval_(
     from ..measure.eval import evaluate
     from ..store import resolve_model
 
-    path = resolve_model(model)
-    base_path = resolve_model(base) if base is not None else None
+    path = _as_gguf(resolve_model(model), threads)
+    base_path = _as_gguf(resolve_model(base), threads) if base is not None else None
     opts = dict(text=text, ctx=ctx, chunks=chunks, threads=threads or None, base_logits=base_logits)
     if as_json:
         result = evaluate(path, base_path, **opts)
@@ -134,3 +134,19 @@ def eval_(
     )
     for note in result.notes:
         out.print(f"[dim]note: {note}[/dim]")
+
+
+def _as_gguf(path: Path, threads: int) -> Path:
+    """A Hugging Face folder is converted once (at its stored precision) into
+    $LLMQUANT_HOME/converted/NAME/ and reused while the folder is unchanged."""
+    if not path.is_dir():
+        return path
+    from ..measure.ladder import as_gguf
+    from ..measure.resume import LadderState
+    from ..store import home
+    from ..system import default_threads
+
+    out = home() / "converted" / path.resolve().name
+    out.mkdir(parents=True, exist_ok=True)
+    return as_gguf(path, out, default_threads(threads or None), LadderState(out),
+                   step=lambda desc, frac: err.print(f"[dim]{desc} (once, into {out})[/dim]", highlight=False))
