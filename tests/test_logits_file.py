@@ -210,3 +210,27 @@ def test_we_read_the_file_llama_perplexity_wrote(pair):
         assert np.abs(qa - qb).max() < 1e-3  # the same model decoded by the same kernels
     theirs = run_tool("-m", str(model), "--kl-divergence-base", str(theirs_file), "--kl-divergence")
     same(evaluate(model, base_logits=theirs_file, threads=2), theirs)
+
+
+@pytest.mark.slow
+def test_cli_eval_writes_then_reads_base_logits(pair):
+    import json
+
+    from typer.testing import CliRunner
+
+    from llmquant.cli import app
+
+    base, model, folder = pair
+    file = folder / "cli.kld"
+    runner = CliRunner()
+    args = ["eval", str(model), "--base-logits", str(file), "--chunks", "1", "--threads", "2", "--json"]
+    r = runner.invoke(app, [*args, "--base", str(base), "--ctx", "64"])
+    assert r.exit_code == 0, r.output
+    assert file.stat().st_size == file_size(64, 49152, 1) and "MiB to" in r.stderr
+    first = json.loads(r.stdout)
+    r = runner.invoke(app, args)  # no --base: the file is the base (its ctx 64, not the default 512)
+    assert r.exit_code == 0, r.output
+    again = json.loads(r.stdout)
+    assert again["n_ctx"] == 64 and again["kld_mean"] == first["kld_mean"] and again["ppl"] == first["ppl"]
+    r = runner.invoke(app, ["eval", str(model), "--base-logits", str(folder / "missing.kld")])
+    assert isinstance(r.exception, LogitsFileError) and "no such file; give a base model" in str(r.exception)

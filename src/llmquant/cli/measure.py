@@ -104,6 +104,15 @@ def eval_(
     path = _as_gguf(resolve_model(model), threads)
     base_path = _as_gguf(resolve_model(base), threads) if base is not None else None
     opts = dict(text=text, ctx=ctx, chunks=chunks, threads=threads or None, base_logits=base_logits)
+    if base_logits is not None and not base_logits.exists() and base_path is not None:
+        from ..system import check_disk_space
+
+        def before_write(nbytes: int) -> None:
+            err.print(f"writing the base logits: {nbytes / 2**20:,.1f} MiB to {base_logits} "
+                      "(llama-perplexity's --kl-divergence-base format)", highlight=False)
+            check_disk_space(base_logits.parent, nbytes, f"base logits {base_logits.name}")
+
+        opts["before_write"] = before_write
     if as_json:
         result = evaluate(path, base_path, **opts)
     else:

@@ -469,20 +469,22 @@ def chunk_layout(n_tokens: int, ctx: int, chunks: int | None) -> int:
 def evaluate(model: str | Path, base: str | Path | None = None, text: str | Path | None = None, ctx: int = 512,
              chunks: int | None = None, threads: int | None = None, *,
              progress: Callable[[int, int], None] | None = None, llama_compat: bool = False,
-             base_logits: str | Path | None = None) -> EvalResult:
+             base_logits: str | Path | None = None,
+             before_write: Callable[[int], None] | None = None) -> EvalResult:
     """Perplexity of ``model`` over ``text`` and, with ``base``, the KL-divergence statistics of
     ``model`` against ``base`` (llama-perplexity --kl-divergence).
 
     ``base_logits``: a llama-perplexity ``--kl-divergence-base`` file. When it exists it is the
     base (its tokens replace ``text``, its context ``ctx``; statistics as the tool computes them
-    from 16-bit log-probabilities); when it does not, ``base`` is run once to write it first."""
+    from 16-bit log-probabilities); when it does not, ``base`` is run once to write it first
+    (``before_write(nbytes)`` is told its exact size before anything is written)."""
     if base_logits is not None:
         t0 = time.perf_counter()
         file = Path(base_logits)
         if not file.exists():
             if base is None:
                 raise LogitsFileError(file, "no such file; give a base model to compute it")
-            write_base_logits(base, file, text, ctx, chunks, threads)
+            write_base_logits(base, file, text, ctx, chunks, threads, before_write=before_write)
         result = evaluate_against_logits(model, file, chunks=chunks, threads=threads, progress=progress)
         if base is not None:
             result.base = str(base)

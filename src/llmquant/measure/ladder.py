@@ -251,8 +251,10 @@ def run_ladder(
     for name, ftype in ftypes:
         path = out / f"{stem}-{name}.gguf"
         options = RecipeOptions(allow_requantize=True)
-        key = fingerprint("rung", src_fp, recipe_key(ftype, options), logits_key, speed)
+        key = fingerprint("rung", src_fp, recipe_key(ftype, options), logits_key)
         rec = state.get(f"rung:{name}", key)
+        if rec is not None and speed and not rec.get("speed"):
+            rec = None  # measured without --speed before: measure again, with it
         if rec is not None:
             r = RungResult(**{**rec, "resumed": True})
             r.kept = path.is_file()
