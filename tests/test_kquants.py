@@ -1,6 +1,6 @@
 """K-quants (Q2_K..Q6_K, Q8_K) must be byte-identical to libggml, with and without importance.
 
-The oracle is ``ggml_quantize_chunk`` (``llmquant.reference``); for Q8_K, which it does not
+The oracle is ``ggml_quantize_chunk`` (``llmquant.runtime.reference``); for Q8_K, which it does not
 handle, ``quantize_row_q8_K_ref`` is called directly. Real weights come from the embedded
 SmolLM2-135M (Q4_1 GGUF, dequantized) and the FP32 all-MiniLM-L6-v2; rows whose length is not a
 multiple of 256 are regrouped into longer rows, which changes nothing for the reference path and

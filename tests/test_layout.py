@@ -25,7 +25,7 @@ RANK = {
     "llmquant.hf": 3,
     "llmquant.calib": 4,
     "llmquant.runtime": 5,
-    "llmquant.quantize": 6, "llmquant.convert": 6, "llmquant.store": 6,
+    "llmquant.quantize": 6, "llmquant.convert": 6, "llmquant.store": 6, "llmquant.calibrate": 6,
     "llmquant.measure": 7, "llmquant.fit": 7,
     "llmquant.serve": 8,
     "llmquant.cli": 9, "llmquant.__main__": 9,

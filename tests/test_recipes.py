@@ -1,6 +1,6 @@
 """recipes.py against llama.cpp's own per-tensor choices.
 
-The oracle is ``llama_model_quantize`` itself (ctypes, llmquant.reference) in ``dry_run`` mode: it
+The oracle is ``llama_model_quantize`` itself (ctypes, llmquant.runtime.reference) in ``dry_run`` mode: it
 logs, per tensor, the type it would write, and a warning with the pre-fallback type for every
 tensor that had to fall back. We parse that log and compare it with ``plan_model`` on the embedded
 SmolLM2 (576 columns: many fallbacks; tied embeddings; Q4_1 source) and on small synthetic GGUFs

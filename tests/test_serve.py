@@ -276,7 +276,7 @@ BAD = [
     ("bad role", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
     ("empty prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, 400, "empty"),
     ("temperature out of range", "/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 7}, 400, "temperature"),
-    ("n > 1", "/v1/completions", {"model": MODEL, "prompt": "hi", "n": 3}, 400, "n=1"),
+    ("n > 128", "/v1/completions", {"model": MODEL, "prompt": "hi", "n": 129}, 400, "n:"),
     ("token id out of range", "/v1/completions", {"model": MODEL, "prompt": [1, 10**7]}, 400, "token ids"),
     ("empty embedding input", "/v1/embeddings", {"model": MODEL, "input": ""}, 400, "empty"),
     ("too long a prompt", "/v1/completions", {"model": MODEL, "prompt": "hello " * 2000}, 400, "context length"),

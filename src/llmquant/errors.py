@@ -121,3 +121,17 @@ class DiskSpaceError(LlmquantError):
 
 class LadderError(LlmquantError):
     """The ladder cannot run as asked (bad --keep, ...)."""
+
+
+class OptionError(LlmquantError):
+    """A command-line option with a value it cannot take, or two spellings of one option (ours and
+    llama.cpp's, or a positional argument and its option) given different values."""
+
+    def __init__(self, option: str, problem: str):
+        self.option = option
+        super().__init__(f"{option}: {problem}")
+
+
+class CalibrationError(LlmquantError):
+    """Calibration cannot run as asked: too little text, an empty folder, a model without
+    ``blk.*`` matrix multiplications, imatrix files that do not fit the model."""

@@ -67,6 +67,11 @@ class StoredModel:
     files: list[str] = field(default_factory=list)
     sha256: str | None = None
     embedded: bool = False
+    config: dict = field(default_factory=dict)  # Modelfile settings: parameters, system, template
+
+    @property
+    def parameters(self) -> dict:
+        return dict(self.config.get("parameters") or {})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -250,6 +255,7 @@ def pull(
     link: bool = True,
     hf_cache_dir: str | Path | None = None,
     copy_chunk: Callable[[Any, Any, int], None] | None = None,
+    config: dict | None = None,
 ) -> StoredModel:
     """Import ``src`` (GGUF file, folder, or ``hf.co/ORG/REPO[:QUANT]`` from the local HF cache)
     under ``name`` (default: from the file's metadata). Replaces a model of the same name.
@@ -274,6 +280,7 @@ def pull(
             "file_type": info["file_type"], "n_params": info["n_params"], "architecture": info["architecture"],
             "context_length": info["context_length"], "modified": time.time(), "source": source.origin,
             "sha256": digest.hexdigest() if len(source.files) == 1 else None,
+            **({"config": config} if config else {}),
         }
         with open(work / MANIFEST, "w") as fh:
             json.dump(manifest, fh, indent=2)

@@ -20,6 +20,7 @@ from . import run  # noqa: E402,F401  run, chat, serve, bench
 from . import store  # noqa: E402,F401  pull, list, show, rm
 from . import convert  # noqa: E402,F401  convert
 from . import fit  # noqa: E402,F401  fit
+from . import calib  # noqa: E402,F401  imatrix
 
 __all__ = ["app", "main"]
 

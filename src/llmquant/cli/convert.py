@@ -19,6 +19,7 @@ from .options import (
     app,
     out,
     split_bytes,
+    pick,
 )
 
 
@@ -27,6 +28,7 @@ from .options import (
 def convert(
     hf_dir: Annotated[str, typer.Argument(help="A Hugging Face model folder (config.json, *.safetensors, tokenizer).", show_default=False)],
     dst: Annotated[Optional[str], typer.Argument(help="Output GGUF (default: NAME-SIZE-TYPE.gguf here).", show_default=False)] = None,
+    outfile: Annotated[Optional[str], typer.Option("--outfile", help="Output GGUF, as convert_hf_to_gguf.py spells it (same as DST).", show_default=False)] = None,
     outtype: Annotated[str, typer.Option("--outtype", help="f32, f16, bf16, q8_0, or auto (BF16/F16 as stored).")] = "auto",
     quantize_to: Annotated[Optional[str], typer.Option("--quantize", "-q", help="Then quantize to this type (e.g. Q4_K_M) in the same run.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read PyTorch .bin pickles (can run code; needs torch).")] = False,
@@ -39,6 +41,7 @@ def convert(
     from ..gguf.recipes import parse_ftype
     from ..convert import convert_model, parse_outtype
 
+    dst = pick(("DST", dst), ("--outfile", outfile))
     ftype = parse_outtype(outtype)
     target = parse_ftype(quantize_to) if quantize_to else None
     kwargs = dict(quantize=target, threads=default_threads(threads), force=force, allow_pickle=allow_pickle,

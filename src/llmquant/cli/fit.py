@@ -7,20 +7,25 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .options import JsonOpt, ModelArg, _human_count, _print_json, app, out
+from .options import BATCH_NAMES, CTX_NAMES, JsonOpt, ModelArg, _human_count, _print_json, app, out
 
 
 # -- fit ----------------------------------------------------------------------------------------------------
 @app.command()
 def fit(
     model: ModelArg = None,
-    ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context length in tokens (default: 4096, or the trained context if smaller).")] = None,
+    ctx: Annotated[Optional[int], typer.Option(*CTX_NAMES, help="Context length in tokens (default: 4096, or the trained context if smaller).")] = None,
     kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0 or q4_0.")] = "f16",
-    batch: Annotated[int, typer.Option("--batch", help="Prompt batch size (n_batch; llama-cpp-python caps the micro-batch at 512).")] = 512,
+    batch: Annotated[int, typer.Option(*BATCH_NAMES, help="Prompt batch size (n_batch; llama-cpp-python caps the micro-batch at 512).")] = 512,
     machine: Annotated[Optional[str], typer.Option("--machine", help="A catalog machine (e.g. rtx-4090, macbook-air-m2-8gb), 'this' (measured; the default) or 'list'.")] = None,
     ram: Annotated[Optional[str], typer.Option("--ram", help="Describe the machine instead: system RAM, e.g. 32GB.")] = None,
     vram: Annotated[Optional[str], typer.Option("--vram", help="With --ram: one CUDA GPU with this much VRAM, e.g. 12GB.")] = None,
     task: Annotated[str, typer.Option("--task", help="chat, summarise, rag, code, math or reasoning (steers the recommendation).")] = "chat",
+    engine: Annotated[str, typer.Option("--engine", help="llama.cpp (GGUF rungs; the default) or vllm (a deployment plan for an HF checkpoint).")] = "llama.cpp",
+    gpu: Annotated[Optional[str], typer.Option("--gpu", help="With --engine vllm: a catalog GPU and count, e.g. A100-80G:2.")] = None,
+    gpu_util: Annotated[float, typer.Option("--gpu-memory-utilization", help="With --engine vllm: vLLM's gpu_memory_utilization.")] = 0.9,
+    max_model_len: Annotated[Optional[int], typer.Option("--max-model-len", help="With --engine vllm: context per request (default: the model's).")] = None,
+    kv_cache_dtype: Annotated[str, typer.Option("--kv-cache-dtype", help="With --engine vllm: auto or fp8.")] = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """What fits where: memory (weights, KV cache, compute, runtime) and speed of every quantization rung on a machine.
@@ -30,6 +35,14 @@ def fit(
     """
     from ..fit.machines import CATALOG
     from ..fit.planner import fit_for
+
+    if engine.lower() == "vllm":
+        _vllm_plan(model, gpu or "a100-80gb", gpu_util, max_model_len, kv_cache_dtype, as_json)
+        return
+    if engine.lower() not in ("llama.cpp", "llamacpp", "llama-cpp"):
+        from ..errors import LlmquantError
+
+        raise LlmquantError(f"--engine {engine!r}: expected llama.cpp or vllm")
 
     if machine is not None and machine.strip().lower() == "list":
         if as_json:
@@ -89,3 +102,29 @@ def _render_fit(report) -> None:
     for n in spec.notes:
         out.print(f"[dim]note: {n}[/dim]", highlight=False)
     out.print(rec.verdict, highlight=False)
+
+
+def _vllm_plan(model, gpu, gpu_util, max_model_len, kv_cache_dtype, as_json) -> None:
+    from ..fit.vllm import plan_for
+
+    p = plan_for(model, gpu, gpu_memory_utilization=gpu_util, max_model_len=max_model_len,
+                 kv_cache_dtype=kv_cache_dtype)
+    if as_json:
+        _print_json({"schema": "llmquant.fit.vllm/1", **p.to_dict()})
+        return
+    t = Table(show_header=False, box=None, title=f"vLLM plan: {p.model} on {p.tp} x {p.gpu}", title_justify="left")
+    t.add_column(style="dim")
+    t.add_column()
+    rows = [("weights per GPU", _fit_bytes(p.weights_per_gpu)), ("activations (estimate)", _fit_bytes(p.activation_bytes)),
+            ("runtime overhead (estimate)", _fit_bytes(p.overhead_bytes)),
+            ("KV cache memory per GPU", _fit_bytes(max(p.available_kv_bytes, 0))),
+            ("KV blocks (16 tokens)", f"{p.num_blocks:,}"), ("GPU KV cache size", f"{p.kv_tokens:,} tokens"),
+            (f"max concurrency at {p.max_model_len:,} tokens", f"{p.max_concurrency:.2f}x"),
+            ("longest context for one request", f"{p.max_context:,} tokens"),
+            ("verdict", "[green]starts[/green]" if p.fits else "[red]does not start[/red]")]
+    for k, v in rows:
+        t.add_row(k, v)
+    out.print(t)
+    for n in p.notes:
+        out.print(f"[dim]note: {n}[/dim]", highlight=False)
+    out.print(p.command, highlight=False, soft_wrap=True)

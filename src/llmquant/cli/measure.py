@@ -10,15 +10,25 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .options import (
+    CTX_NAMES,
+    CacheTypeKOpt,
+    CacheTypeVOpt,
+    FlashAttnOpt,
     JsonOpt,
     StepLines,
+    MlockOpt,
     ModelArg,
+    ModelOpt,
+    NglOpt,
+    NoMmapOpt,
     ThreadsOpt,
     _print_json,
     _TensorProgress,
     app,
     err,
+    load_options,
     out,
+    pick,
 )
 
 
@@ -29,7 +39,7 @@ def ladder(
     rungs: Annotated[str, typer.Option("--rungs", help="Comma-separated rungs.")] = "F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K",
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the quantized files and the reports.")] = Path("ladder-out"),
     text: Annotated[Optional[Path], typer.Option("--text", help="Evaluation text file or folder (default: built-in).")] = None,
-    ctx: Annotated[int, typer.Option("--ctx", help="Context per evaluation chunk.")] = 512,
+    ctx: Annotated[int, typer.Option(*CTX_NAMES, help="Context per evaluation chunk.")] = 512,
     chunks: Annotated[Optional[int], typer.Option("--chunks", help="Evaluate at most N chunks.")] = None,
     no_speed: Annotated[bool, typer.Option("--no-speed", help="Skip the speed and memory measurements.")] = False,
     fit_ctx: Annotated[Optional[int], typer.Option("--fit-ctx", help="Context for the memory fit (default: trained, max 8192).")] = None,
@@ -37,18 +47,29 @@ def ladder(
     threads: ThreadsOpt = 0,
     name: Annotated[Optional[str], typer.Option("--name", help="Also store every rung as NAME[:TAG]-RUNG (e.g. smollm2:135m -> smollm2:135m-q4_k_m).", show_default=False)] = None,
     keep: Annotated[Optional[str], typer.Option("--keep", help="Rung files to keep: all, best (the recommended one) or none; default: all below 3B parameters, best above.", show_default=False)] = None,
+    model_opt: ModelOpt = None,
+    ngl: NglOpt = "0",
+    mlock: MlockOpt = False,
+    no_mmap: NoMmapOpt = False,
+    imatrix: Annotated[Optional[str], typer.Option("--imatrix", help="Also make every K/legacy rung with an importance matrix (rows RUNG+imat): a file, or 'auto' (collected on the shipped calibration text into --out, reused while current).", show_default=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The main job: quantize to every rung, measure quality loss, size and speed, and recommend one."""
     from ..measure.ladder import run_ladder
     from ..measure.report import footer_lines, header_lines, plain_table, table, write_all
 
+    from ..store import resolve_model
+
+    model = pick(("MODEL", model), ("--model", model_opt))
+    options = load_options(resolve_model(model), ngl, ctx=ctx, mlock=mlock, no_mmap=no_mmap)
     names = tuple(r.strip() for r in rungs.split(",") if r.strip())
     if name:
         from ..store import parse_name, rung_name
 
         for r in names:
             parse_name(rung_name(name, r))  # a bad name fails before any work
+            if imatrix:
+                parse_name(rung_name(name, f"{r}-imat"))
     log_lines = not err.is_terminal
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
                   transient=True, disable=as_json or log_lines) as bar:
@@ -62,13 +83,13 @@ def ladder(
 
         result = run_ladder(model, rungs=names, out_dir=out_dir, text=text, ctx=ctx, chunks=chunks,
                             threads=threads or None, speed=not no_speed, fit_ctx=fit_ctx, machine=machine,
-                            step=step, keep=keep)
+                            step=step, keep=keep, options=options, imatrix=imatrix)
     paths = write_all(result, out_dir)
     stored = []
     if name:
         from ..store import register, rung_name
 
-        stored = [register(r.path, rung_name(name, r.name)).name for r in result.rungs if r.kept]
+        stored = [register(r.path, rung_name(name, r.name.replace("+", "-"))).name for r in result.rungs if r.kept]
     if as_json:
         _print_json({**result.to_dict(), "outputs": paths, **({"stored_as": stored} if stored else {})})
         return
@@ -80,6 +101,8 @@ def ladder(
         out.print(plain_table(result, width=out.width if out.is_terminal else 80), highlight=False, markup=False)
     for line in footer_lines(result):
         out.print(line, highlight=False)
+    if result.offload:
+        out.print(f"evaluated and timed with {result.offload['placement']}", highlight=False)
     out.print(f"wrote {paths['json']}, {paths['md']}, {paths['png']} in {result.seconds:.0f} s", highlight=False)
     if stored:
         out.print(f"stored as {', '.join(stored)}", highlight=False)
@@ -90,20 +113,29 @@ def ladder(
 def eval_(
     model: ModelArg = None,
     base: Annotated[Optional[str], typer.Option("--base", help="Reference GGUF for KL divergence (ideally the F32/F16 rendering).")] = None,
-    text: Annotated[Optional[str], typer.Option("--text", help="Text file, or folder of .txt/.md files; default: the built-in text.")] = None,
-    ctx: Annotated[int, typer.Option("--ctx", "-c", help="Tokens per chunk; the second half of each chunk is scored.")] = 512,
+    text: Annotated[Optional[str], typer.Option("--text", "-f", "--file", help="Text file, or folder of .txt/.md files; default: the built-in text.")] = None,
+    ctx: Annotated[int, typer.Option(*CTX_NAMES, help="Tokens per chunk; the second half of each chunk is scored.")] = 512,
     chunks: Annotated[Optional[int], typer.Option("--chunks", min=1, help="Evaluate at most N chunks (default: all).")] = None,
     base_logits: Annotated[Optional[Path], typer.Option("--base-logits", help="Base log-probabilities in llama-perplexity's --kl-divergence-base format: read when the file exists (its tokens and context are used), else computed from --base and written.")] = None,
     threads: ThreadsOpt = 0,
+    model_opt: ModelOpt = None,
+    ngl: NglOpt = "0",
+    mlock: MlockOpt = False,
+    no_mmap: NoMmapOpt = False,
+    flash_attn: FlashAttnOpt = None,
+    cache_type_k: CacheTypeKOpt = None,
+    cache_type_v: CacheTypeVOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Perplexity and, with --base, KL divergence, same top token and Δp: llama-perplexity's numbers."""
     from ..measure.eval import evaluate
     from ..store import resolve_model
 
-    path = _as_gguf(resolve_model(model), threads)
+    path = _as_gguf(resolve_model(pick(("MODEL", model), ("--model", model_opt))), threads)
     base_path = _as_gguf(resolve_model(base), threads) if base is not None else None
-    opts = dict(text=text, ctx=ctx, chunks=chunks, threads=threads or None, base_logits=base_logits)
+    options = load_options(path, ngl, ctx=ctx, batch=ctx, mlock=mlock, no_mmap=no_mmap, flash_attn=flash_attn,
+                           cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+    opts = dict(text=text, ctx=ctx, chunks=chunks, threads=threads or None, options=options, base_logits=base_logits)
     if base_logits is not None and not base_logits.exists() and base_path is not None:
         from ..system import check_disk_space
 
@@ -140,6 +172,7 @@ def eval_(
     out.print(
         f"{result.n_chunks} chunks of {result.n_ctx} tokens, {result.n_tokens_scored:,} tokens scored "
         f"(second half of each chunk); {result.tokens_per_second:.0f} tokens/s, {result.wall_seconds:.1f} s in all"
+        + (f"; {result.offload['placement']}" if result.offload else "")
     )
     for note in result.notes:
         out.print(f"[dim]note: {note}[/dim]")

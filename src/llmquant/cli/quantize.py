@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..errors import LlmquantError
+from ..errors import LlmquantError, OptionError
 from ..system import default_threads
 from .options import (
     JsonOpt,
@@ -21,6 +21,7 @@ from .options import (
     app,
     out,
     split_bytes,
+    pick,
 )
 
 
@@ -81,8 +82,8 @@ def inspect(
 # -- quantize ---------------------------------------------------------------------------------------------
 @app.command()
 def quantize(
-    paths: Annotated[Optional[list[str]], typer.Argument(help="[SRC] DST: source GGUF (default: the embedded model) and output file.", show_default=False)] = None,
-    qtype: Annotated[str, typer.Option("--type", "-q", help="Target file type, e.g. Q8_0, Q4_K_M, Q5_1, F16.")] = "Q8_0",
+    paths: Annotated[Optional[list[str]], typer.Argument(metavar="[SRC] DST [TYPE [THREADS]]", help="Source GGUF (default: the embedded model) and output file; TYPE and THREADS may follow as llama-quantize takes them (SRC TYPE alone writes ggml-model-TYPE.gguf beside SRC).", show_default=False)] = None,
+    qtype: Annotated[Optional[str], typer.Option("--type", "-q", help="Target file type, e.g. Q8_0, Q4_K_M, Q5_1, F16 (or TYPE after the paths).  [default: Q8_0]", show_default=False)] = None,
     pure: Annotated[bool, typer.Option("--pure", help="Quantize every tensor to the one type (no mixture rules).")] = False,
     allow_requantize: Annotated[bool, typer.Option("--allow-requantize", help="Allow a source that is already quantized.")] = False,
     leave_output_tensor: Annotated[bool, typer.Option("--leave-output-tensor", help="Do not quantize output.weight.")] = False,
@@ -90,7 +91,7 @@ def quantize(
     token_embedding_type: Annotated[Optional[str], typer.Option("--token-embedding-type", help="Type for token_embd.weight.")] = None,
     tensor_type: Annotated[list[str], typer.Option("--tensor-type", help="REGEX=TYPE override (repeatable).")] = [],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the per-tensor plan and exact size; write nothing.")] = False,
-    imatrix: Annotated[Optional[str], typer.Option("--imatrix", help="Importance matrix from llama-imatrix (.gguf or legacy .dat).")] = None,
+    imatrix: Annotated[Optional[str], typer.Option("--imatrix", help="Importance matrix (.gguf or legacy .dat, from llmquant imatrix or llama-imatrix), or 'auto': collect one from SRC on the shipped calibration text into DST's folder (reused while current).")] = None,
     threads: ThreadsOpt = 0,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite DST if it exists.")] = False,
     name: Annotated[Optional[str], typer.Option("--name", help="Also add DST to the model store as NAME[:TAG].", show_default=False)] = None,
@@ -109,7 +110,9 @@ def quantize(
     from ..quantize import quantize_model
     from ..store import resolve_model
 
-    paths = paths or []
+    paths, pos_type, pos_threads = _llama_quantize_args(paths or [], dry_run)
+    qtype = pick(("TYPE", pos_type and pos_type.upper()), ("--type", qtype and qtype.upper())) or "Q8_0"
+    threads = int(pick(("THREADS", pos_threads), ("--threads", str(threads) if threads else None)) or 0)
     if len(paths) > 2 or (not paths and not dry_run):
         raise LlmquantError("expected [SRC] DST: an optional source model and the output file")
     if not paths:
@@ -135,6 +138,20 @@ def quantize(
         tensor_types=tuple(parse_tensor_type(spec) for spec in tensor_type),
     )
     n_threads = default_threads(threads)
+    if imatrix == "auto":
+        from pathlib import Path
+
+        from ..calibrate import auto_imatrix
+
+        folder = Path(dst).parent if dst else Path(".")
+        if as_json or dry_run:
+            made = auto_imatrix(src, folder, threads=n_threads)
+        else:
+            from .calib import _ChunkProgress
+
+            with _ChunkProgress() as chunk_progress:
+                made = auto_imatrix(src, folder, threads=n_threads, progress=chunk_progress)
+        imatrix = str(made.path)
     imat = load_imatrix(imatrix) if imatrix else None
     weighting = {"importance": imat.entries, "metadata": imat.provenance(imatrix)} if imat else {}
     weighting["split_max_size"] = split_bytes(split_max_size)
@@ -158,6 +175,31 @@ def quantize(
         chunks = f", {imat.chunk_count} chunks" if imat.chunk_count else ""
         out.print(f"importance matrix {imatrix} ({len(imat.entries)} entries{chunks}): "
                   f"{'would weight' if dry_run else 'weighted'} {len(result.importance_tensors)} tensors", highlight=False)
+
+
+def _llama_quantize_args(args: list[str], dry_run: bool) -> tuple[list[str], Optional[str], Optional[str]]:
+    """llama-quantize's positionals ``SRC [DST] TYPE [THREADS]`` -> (paths, TYPE, THREADS): TYPE is the
+    first argument after a path that names a file type and is not a file; ``SRC TYPE`` alone writes
+    ``ggml-model-TYPE.gguf`` beside SRC, as llama-quantize does. Without a TYPE: ([SRC] DST, None, None)."""
+    from pathlib import Path
+
+    from ..gguf.recipes import ftype_name, parse_ftype
+
+    for k, arg in enumerate(args):
+        if (k == 0 and not dry_run) or Path(arg).exists():
+            continue
+        try:
+            ftype = parse_ftype(arg)
+        except LlmquantError:
+            continue
+        paths, rest = args[:k], args[k + 1:]
+        if len(rest) > 1 or (rest and not rest[0].isdigit()):
+            raise OptionError("THREADS", f"after TYPE {arg} only a number of threads may follow, not {' '.join(rest)!r}")
+        if len(paths) == 1 and not dry_run:
+            src = Path(paths[0])
+            paths = [paths[0], str(src.parent / f"ggml-model-{ftype_name(ftype)}.gguf")]
+        return paths, arg, rest[0] if rest else None
+    return args, None, None
 
 
 def _render_quantize(result, dry_run: bool) -> None:

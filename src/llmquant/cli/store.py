@@ -1,4 +1,4 @@
-"""Verbs over the model store: pull, list, show, rm."""
+"""Verbs over the model store: pull, list, show, create, rm."""
 
 from __future__ import annotations
 
@@ -67,11 +67,21 @@ def _ago(seconds: float) -> str:
 def show(
     name: NameArg,
     template: Annotated[bool, typer.Option("--template", help="Print only the chat template.")] = False,
+    modelfile: Annotated[bool, typer.Option("--modelfile", help="Print its Modelfile (Ollama's form: FROM, TEMPLATE, SYSTEM, PARAMETER).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Show a stored model: details, default parameters, chat template and metadata."""
     from ..store import show as show_model
 
+    if modelfile:
+        from ..serve.modelfile import show_model as ollama_show
+
+        text = ollama_show(name)["modelfile"]
+        if as_json:
+            _print_json({"name": name, "modelfile": text})
+        else:
+            sys.stdout.write(text)
+        return
     info = show_model(name)
     if as_json:
         _print_json(info)
@@ -105,6 +115,25 @@ def show(
     out.print(info["chat_template"] or "(none: chat uses ChatML)", markup=False, highlight=False, soft_wrap=True)
     out.print()
     section("Metadata", [(k, str(v)) for k, v in info["metadata"].items()])
+
+
+@app.command()
+def create(
+    name: NameArg,
+    file: Annotated[str, typer.Option("--file", "-f", help="The Modelfile (FROM a GGUF or a stored model; PARAMETER, SYSTEM, TEMPLATE, MESSAGE).")] = "Modelfile",
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a model from a Modelfile, as `ollama create NAME -f Modelfile` does (the GGUF is linked, not copied)."""
+    from ..serve.modelfile import create_model
+
+    m = create_model(name, file)
+    if as_json:
+        _print_json(m.to_dict())
+        return
+    params = m.config.get("parameters") or {}
+    out.print(f"created {m.name} from {m.source} ({len(params)} parameter{'s' if len(params) != 1 else ''}"
+              f"{', system prompt' if m.config.get('system') else ''}{', template' if m.config.get('template') else ''})",
+              highlight=False, soft_wrap=True)
 
 
 @app.command()

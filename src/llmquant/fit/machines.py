@@ -12,7 +12,8 @@ import difflib
 import os
 import re
 import time
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 
 from ..errors import LlmquantError
 from ..system import default_threads
@@ -237,3 +238,17 @@ def this_machine(*, bandwidth: float | None = None) -> Machine:
     n_cpu = default_threads()
     return Machine("this", f"this machine ({n_cpu} CPUs, {ram / GiB:.1f} GiB RAM, {bw:.1f} GB/s measured)", "cpu",
                    int(ram), round(bw, 2), isa=cpu_isa(), available=int(avail), measured=True)
+
+
+def with_gpus(machine: Machine, devices) -> Machine:
+    """``machine`` with the GPU devices llama.cpp found on it (``runtime.llama.gpu_devices()``: objects with
+    ``name``, ``description``, ``integrated`` and ``total`` bytes): Metal or an integrated GPU share the
+    system memory (kind "apple"); dedicated GPUs give kind "gpu" with the smallest one's memory per GPU
+    (llama.cpp splits layers by free memory; the smallest bounds an even split)."""
+    if not devices:
+        return machine
+    label = f"{machine.label} with {', '.join(d.description or d.name for d in devices)}"
+    if sys.platform == "darwin" or all(d.integrated for d in devices):
+        return replace(machine, kind="apple", label=label)
+    return replace(machine, kind="gpu", label=label, vram=min(d.total for d in devices), gpus=len(devices),
+                   gpu_bandwidth=machine.gpu_bandwidth or 1008.0)

@@ -21,7 +21,7 @@ llama-cpp-python 0.3.36):
   interleaved anonymous buffer; the mmap'd pages they came from stay resident until the kernel
   needs them back, so peak RSS counts them twice while the requirement counts them once;
 - runtime overhead: the Python interpreter + llama-cpp-python import baseline, the loader's fixed
-  cost and the tokenizer tables, measured (``python -m llmquant.memprobe``) and documented below.
+  cost and the tokenizer tables, measured (``python -m llmquant.measure.memprobe``) and documented below.
 
 The prediction is checked against the peak RSS of a real llama-cpp-python process in
 tests/test_fit.py.
@@ -57,7 +57,7 @@ UBATCH_MAX = 512  # llama-cpp-python: n_ubatch = min(n_batch, 512)
 GGUF_ALIGNMENT = 32
 
 # Runtime overhead, measured on this project's reference environment (CPython 3.11, numpy 2,
-# llama-cpp-python 0.3.36, x86-64 Linux) with ``python -m llmquant.memprobe --baseline`` and loads
+# llama-cpp-python 0.3.36, x86-64 Linux) with ``python -m llmquant.measure.memprobe --baseline`` and loads
 # of SmolLM2-135M and tokenizer-less test models (tests/test_fit.py re-measures the baseline):
 RUNTIME_BASELINE = int(42.4 * MiB)  # interpreter + numpy + ``import llama_cpp`` (ggml/llama shared libraries)
 LOAD_FIXED = int(7.5 * MiB)  # loader: shared-library pages touched by a load, thread stack, graph metadata
@@ -766,6 +766,22 @@ def fit(spec: ModelSpec, machine: Machine, *, n_ctx: int | None = None, kv_type:
     return FitReport(spec, machine, ctx, task, rungs, rec, warnings)
 
 
+def gpu_layers_that_fit(spec: ModelSpec, machine: Machine, *, n_ctx: int | None = None, kv_type: str = "f16",
+                        n_batch: int = 512, ftype: str | None = None) -> int:
+    """llama.cpp's ``--gpu-layers`` for ``spec`` (its own type, or ``ftype``) on ``machine``, as ``fit``
+    plans it: 0 on a CPU-only machine; every layer and the output (n_layer + 1) on Apple silicon, whose
+    GPU shares the memory; on CUDA GPUs the most layers whose weights, KV cache and compute buffer fit
+    in VRAM (``_gpu_offload``). This is what ``-ngl auto`` asks llama.cpp for."""
+    if machine.kind == "cpu":
+        return 0
+    if machine.kind == "apple":
+        return spec.n_layer + 1
+    name = ftype_name(parse_ftype(ftype or spec.file_type or "F16"))
+    report = fit(spec, machine, n_ctx=n_ctx, kv_type=kv_type, n_batch=n_batch, ladder=[name])
+    rung = next(r for r in report.rungs if r.ftype == name)
+    return int(rung.gpu_layers or 0)
+
+
 def resolve_machine(machine: str | None = None, ram: str | None = None, vram: str | None = None) -> Machine:
     """``--machine NAME`` (catalog or ``this``), or ``--ram SIZE [--vram SIZE]``; default ``this``."""
     from .machines import custom_machine, find_machine, parse_size
@@ -788,3 +804,18 @@ def fit_for(model: str | None = None, *, machine: str | None = None, ram: str | 
 
     mach = resolve_machine(machine, ram, vram)
     return fit(load_spec(model), mach, n_ctx=n_ctx, kv_type=kv_type, n_batch=n_batch, task=task)
+
+
+# -- serving: what one loaded model costs (the server's memory budget) -------------------------------------
+
+def serving_bytes(path: str, *, n_ctx: int, parallel: int = 1, n_batch: int = 512) -> int:
+    """Memory a server needs to hold the GGUF at ``path`` with ``parallel`` slots of ``n_ctx`` each:
+    the weights once (memory-mapped, shared by the slots) plus, per slot, its KV cache, compute and
+    output buffers and runtime overhead (each slot is its own llama.cpp context)."""
+    from .catalog import spec_from_gguf
+
+    spec = spec_from_gguf(path)
+    w = Weights(spec.file_type or "?", [(n, s, t, tensor_bytes(s, t)) for n, s, t in spec.tensors],
+                spec.header_bytes, this_file=True)
+    mem = cpu_memory(spec, w, Context(n_ctx, "f16", min(n_batch, n_ctx)))
+    return mem.weights + parallel * (mem.kv + mem.compute + mem.output) + mem.overhead

@@ -18,6 +18,8 @@ expert) is ``llama_model_quantize_impl`` in src/llama-quant.cpp.
 from __future__ import annotations
 
 import mmap
+import os
+import secrets
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,9 +29,10 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
 
-from ..errors import ModelFileError, TensorDataError
+from ..errors import DestinationError, ModelFileError, TensorDataError
 from ..formats import get_format
 from .recipes import _TOKEN_EMBD_NAMES, TensorPlan, ftype_name, requires_imatrix
+from .writer import TEMP_PREFIX, _GGUFWriter
 from .header import (
     GGUF_MAGIC,
     GGUFHeader,
@@ -126,6 +129,43 @@ def check_importance(
 # -- GGUF (common_imatrix_load) -----------------------------------------------------------------------
 
 def _load_gguf(path: Path, header: GGUFHeader) -> Imatrix:
+    raw = _read_gguf_raw(path, header)
+    entries = {
+        name: _check_finite(path, name, _mean_per_expert(sums, counts)) for name, (sums, counts) in raw.entries.items()
+    }
+    return Imatrix(path, entries, raw.datasets, raw.chunk_count, raw.chunk_size, "gguf")
+
+
+@dataclass
+class RawImatrix:
+    """An imatrix file as IMatrixCollector::load_imatrix merges it: per name the stored sums
+    (float32, n_mat * n_per_row) and counts (float32 as stored for GGUF; ``[ncall]`` for legacy,
+    whose sums are already ``mean * ncall``)."""
+
+    path: Path
+    entries: dict[str, tuple[np.ndarray, np.ndarray]]
+    datasets: list[str]
+    chunk_count: int
+    chunk_size: int
+    is_legacy: bool
+
+
+def load_imatrix_raw(path: str | Path) -> RawImatrix:
+    """common_imatrix_load: the raw sums and counts of a GGUF or legacy imatrix (for merging)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(path, "no such file")
+    if path.is_dir():
+        raise ModelFileError(path, "is a folder, expected an imatrix file (.gguf or .dat)")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == GGUF_MAGIC:
+        return _read_gguf_raw(path, parse_gguf(path))
+    im = _load_legacy(path, raw=True)
+    return RawImatrix(path, im.entries, im.datasets, im.chunk_count, 0, True)  # type: ignore[arg-type]
+
+
+def _read_gguf_raw(path: Path, header: GGUFHeader) -> RawImatrix:
     fields = header.fields
     missing = [k for k in _META_KEYS if k not in fields]
     if missing:
@@ -145,7 +185,7 @@ def _load_gguf(path: Path, header: GGUFHeader) -> Imatrix:
     if not pairs:
         raise ModelFileError(path, f"not an imatrix: no '<tensor>{_SUM_SUFFIX}' / '<tensor>{_COUNT_SUFFIX}' tensors")
 
-    entries: dict[str, np.ndarray] = {}
+    entries: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     data = np.memmap(path, dtype=np.uint8, mode="r")
     try:
         for name in sorted(pairs):
@@ -156,16 +196,16 @@ def _load_gguf(path: Path, header: GGUFHeader) -> Imatrix:
             for t in (sums_t, counts_t):
                 if t.type != GGMLQuantizationType.F32:
                     raise ModelFileError(path, f"imatrix tensor {t.name!r} is {t.type.name}, expected F32")
-            sums = data[sums_t.offset:sums_t.offset + sums_t.n_bytes].view("<f4")
-            counts = data[counts_t.offset:counts_t.offset + counts_t.n_bytes].view("<f4")
-            if sums.size % counts.size:
+            sums = np.array(data[sums_t.offset:sums_t.offset + sums_t.n_bytes].view("<f4"))
+            counts = np.array(data[counts_t.offset:counts_t.offset + counts_t.n_bytes].view("<f4"))
+            if counts.size == 0 or sums.size % counts.size:
                 raise ModelFileError(
                     path, f"imatrix entry {name!r} has {sums.size} sums, not a multiple of its {counts.size} counts"
                 )
-            entries[name] = _check_finite(path, name, _mean_per_expert(sums, counts))
+            entries[name] = (sums, counts)
     finally:
         del data
-    return Imatrix(path, entries, datasets, chunk_count, chunk_size, "gguf")
+    return RawImatrix(path, entries, datasets, chunk_count, chunk_size, False)
 
 
 def _u32(path: Path, f: MetadataField) -> int:
@@ -245,7 +285,7 @@ class _Reader:
         return self.take(n, what).split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-def _load_legacy(path: Path) -> Imatrix:
+def _load_legacy(path: Path, raw: bool = False) -> Imatrix:
     size = path.stat().st_size
     if size < 4:
         raise ModelFileError(path, f"not an imatrix: only {size} bytes (neither GGUF nor a legacy .dat imatrix)")
@@ -271,6 +311,9 @@ def _load_legacy(path: Path) -> Imatrix:
                 raise r.fail(f"truncated legacy imatrix: entry {name!r} claims {nval} values ({nval * 4} bytes), "
                              f"{r.left} bytes left")
             sums = np.frombuffer(r.take(nval * 4, f"values of {name!r}"), dtype="<f4")
+            if raw:  # common_imatrix_load_legacy: sums as stored, counts = {ncall}
+                entries[name] = (sums.copy(), np.array([ncall], dtype=np.float32))  # type: ignore[assignment]
+                continue
             # quantize.cpp: sums hold (raw / count) * ncall; divide by ncall when it is positive
             values = sums / np.float32(ncall) if ncall > 0 else sums.copy()
             entries[name] = _check_finite(path, name, values.astype(np.float32, copy=False))  # a repeated name: the last wins
@@ -317,3 +360,90 @@ def importance_for_plans(
         if values is not None and get_format(p.type).uses_importance:
             out[p.name] = values
     return out
+
+
+# -- writing (IMatrixCollector::save_imatrix / save_imatrix_legacy) -----------------------------------
+
+def save_imatrix(
+    path: str | Path,
+    entries: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    datasets: list[str],
+    chunk_count: int,
+    chunk_size: int,
+    output_format: str = "gguf",
+) -> Path:
+    """Write ``entries`` (name -> (sums (n_mat, n_per_row), counts (n_mat,))) as llama-imatrix
+    does, atomically (temporary name in the destination folder, fsync, rename; nothing at the
+    destination on failure). ``output_format`` "gguf" (``<name>.in_sum2`` / ``<name>.counts``,
+    ``general.type`` and the ``imatrix.*`` keys) or "dat" (the legacy layout)."""
+    path = Path(path)
+    if output_format not in ("gguf", "dat"):
+        raise ValueError(f"output format {output_format!r}; expected 'gguf' or 'dat'")
+    if path.is_dir():
+        raise DestinationError(path, "is a folder; give a file name such as imatrix.gguf")
+    if not path.parent.is_dir():
+        raise DestinationError(path, f"folder {path.parent} does not exist")
+    tmp = path.parent / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{path.name}"
+    try:
+        if output_format == "gguf":
+            _write_gguf(tmp, entries, datasets=datasets, chunk_count=chunk_count, chunk_size=chunk_size)
+        else:
+            tmp.write_bytes(_legacy_bytes(entries, datasets=datasets, chunk_count=chunk_count, chunk_size=chunk_size))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _sorted_entries(entries: Mapping[str, tuple[np.ndarray, np.ndarray]]):
+    for name in sorted(entries):  # "deterministic tensor name order"
+        sums, counts = entries[name]
+        counts = np.asarray(counts).reshape(-1)
+        sums = np.asarray(sums, dtype=np.float32).reshape(counts.size, -1)
+        yield name, sums, counts
+
+
+def _write_gguf(tmp: Path, entries, *, datasets, chunk_count, chunk_size) -> None:
+    w = _GGUFWriter(str(tmp), "imatrix")  # gguf-py's writer, which also packs an empty datasets array
+    w.kv_data[0].pop("general.architecture")  # imatrix.cpp writes no architecture
+    w.add_string("general.type", "imatrix")
+    w.add_key_value("imatrix.datasets", list(datasets), GGUFValueType.ARRAY, sub_type=GGUFValueType.STRING)
+    w.add_uint32("imatrix.chunk_count", int(chunk_count))
+    w.add_uint32("imatrix.chunk_size", int(chunk_size))
+    for name, sums, counts in _sorted_entries(entries):
+        if sums.size == 0 or counts.size == 0:
+            continue
+        w.add_tensor(f"{name}{_SUM_SUFFIX}", sums)  # numpy (n_mat, n_per_row) = ggml [n_per_row, n_mat]
+        w.add_tensor(f"{name}{_COUNT_SUFFIX}", counts.astype(np.float32).reshape(-1, 1))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _legacy_bytes(entries, *, datasets, chunk_count, chunk_size) -> bytes:
+    out: list[bytes] = []
+    stored = []
+    for name, sums, counts in _sorted_entries(entries):
+        if counts.size == 0 or not (counts != 0).any():
+            continue  # "entry has no data - skipping"
+        stored.append((name, sums, counts))
+    out.append(struct.pack("<i", len(stored)))
+    for name, sums, counts in stored:
+        b = name.encode("utf-8")
+        ncall = int((int(counts.max()) + chunk_size - 1) // chunk_size)  # ceiling division
+        count = np.repeat(counts.astype(np.float32), sums.shape[1])
+        value = sums.reshape(-1).astype(np.float32)
+        zero = count == 0
+        value = np.where(zero, np.float32(1), value)  # "store 1 for partial data"
+        count = np.where(zero, np.float32(1), count)
+        tmp = ((value / count) * np.float32(ncall)).astype("<f4")
+        out.append(struct.pack("<i", len(b)) + b + struct.pack("<ii", ncall, tmp.size) + tmp.tobytes())
+    out.append(struct.pack("<i", int(chunk_count)))
+    ds = (datasets[-1] if datasets else "").encode("utf-8")
+    out.append(struct.pack("<i", len(ds)) + ds)
+    return b"".join(out)

@@ -33,6 +33,7 @@ class SpeedResult:
     tg_std: float
     repetitions: int
     peak_rss: int | None = None
+    offload: dict | None = None  # runtime.llama.Offload.to_dict(): layers on GPU / CPU, as loaded
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,10 +41,11 @@ class SpeedResult:
 
 def bench_model(
     path: str | Path, *, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3,
-    threads: int | None = None, seed: int = 0,
+    threads: int | None = None, seed: int = 0, options=None,
 ) -> SpeedResult:
-    """Prompt-processing and generation speed of ``path`` in this process."""
-    from ..runtime.llama import Model
+    """Prompt-processing and generation speed of ``path`` in this process; ``options``: a
+    runtime.llama.LoadOptions (GPU layers, ...) or its ``to_dict()``."""
+    from ..runtime.llama import LoadOptions, Model
     from ..gguf.source import GGUFSource
 
     path = Path(path)
@@ -51,9 +53,12 @@ def bench_model(
         n_params = src.n_params
     rng = np.random.default_rng(seed)
     pp, tg = [], []
-    with Model(path, n_ctx=max(n_prompt + n_gen + 8, 64), threads=threads, n_batch=max(n_prompt, 32)) as m:
+    options = LoadOptions(**options) if isinstance(options, dict) else options or LoadOptions()
+    with Model(path, **options.model_kwargs(n_ctx=max(n_prompt + n_gen + 8, 64), threads=threads,
+                                            n_batch=max(n_prompt, 32))) as m:
         vocab = m.n_vocab
         n_threads = m.threads
+        offload = m.offload.to_dict()
         warm = [int(t) for t in rng.integers(0, vocab, 8)]
         m.eval_tokens(warm, reset=True)
         for _ in range(repetitions):
@@ -74,13 +79,15 @@ def bench_model(
 
     (pp_m, pp_s), (tg_m, tg_s) = mean_std(pp), mean_std(tg)
     return SpeedResult(str(path), path.stat().st_size, n_params, n_threads, n_prompt, n_gen,
-                       pp_m, pp_s, tg_m, tg_s, repetitions)
+                       pp_m, pp_s, tg_m, tg_s, repetitions, offload=offload)
 
 
 def probe(path: str | Path, **kwargs) -> SpeedResult:
     """``bench_model`` in a fresh subprocess; also reports that process's peak RSS."""
+    if kwargs.get("options") is not None and not isinstance(kwargs["options"], dict):
+        kwargs["options"] = kwargs["options"].to_dict()
     args = json.dumps({"path": str(path), **kwargs})
-    proc = subprocess.run([sys.executable, "-m", "llmquant.bench", args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "llmquant.measure.bench", args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"speed probe of {path} failed: {proc.stderr.strip()[-500:]}")
     return SpeedResult(**json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -106,9 +113,12 @@ def model_facts(path: str | Path) -> dict:
 def bench_rows(result: SpeedResult) -> list[dict]:
     """``result`` as llama-bench's rows: model, size, params, backend, threads, test, t/s."""
     facts = model_facts(result.model)
+    off = result.offload or {}
+    # llama-bench names the backend (CUDA, Metal, ...) and its -ngl
+    backend = ",".join(dict.fromkeys(d.rstrip("0123456789") for d in off.get("devices", ()))) if off.get("gpu_layers") else ""
     base = {"model": facts["desc"], "size": _mib(facts["tensor_bytes"]), "params": f"{facts['n_params'] / 1e6:.2f} M"
-            if facts["n_params"] < 1e9 else f"{facts['n_params'] / 1e9:.2f} B", "backend": "CPU",
-            "threads": result.threads}
+            if facts["n_params"] < 1e9 else f"{facts['n_params'] / 1e9:.2f} B", "backend": backend or "CPU",
+            "threads": result.threads, "ngl": min(off.get("n_gpu_layers", 0), off.get("n_layers", 0))}
     rows = []
     if result.n_prompt:
         rows.append({**base, "test": f"pp{result.n_prompt}", "t/s": f"{result.pp_tps:.2f} ± {result.pp_std:.2f}",

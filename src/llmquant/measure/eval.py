@@ -93,6 +93,14 @@ def _shifted_lse(z: np.ndarray, buf: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return m, np.log(e.sum(axis=1))
 
 
+def _nll(z: np.ndarray, m: np.ndarray, lse: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log p(target) = lse - (z_t - m), in the same operations as the base's ``-logp[target]``
+    (``logp = (z - m) - lse``): z_t - m is exact in float64, and a - b = -(b - a) in IEEE arithmetic,
+    so identical logits give bit-identical NLLs for model and base (ΔPPL exactly 0). The algebraically
+    equal ``(m + lse) - z_t`` rounds twice and differs from it in the last bit."""
+    return lse - (z[np.arange(z.shape[0]), targets].astype(np.float64) - m)
+
+
 def token_nll(logits: np.ndarray, targets: np.ndarray, *, threads: int = 1) -> np.ndarray:
     """-log p(target) for each row of ``logits`` (n, n_vocab): float64 (n,)."""
     logits, targets = _check(logits, targets)
@@ -102,7 +110,7 @@ def token_nll(logits: np.ndarray, targets: np.ndarray, *, threads: int = 1) -> n
     def work(lo: int, hi: int) -> None:
         z = logits[lo:hi]
         m, lse = _shifted_lse(z, np.empty((hi - lo, n_vocab)))
-        nll[lo:hi] = m + lse - z[np.arange(hi - lo), targets[lo:hi]]
+        nll[lo:hi] = _nll(z, m, lse, targets[lo:hi])
 
     _in_blocks(n, threads, work)
     return nll
@@ -214,7 +222,7 @@ def compare(base: BaseProbs, logits: np.ndarray, targets: np.ndarray, *, threads
         lse = np.log(buf.sum(axis=1))
         # KL = sum p (log p - (z - m - lse)) = sum p log p - sum p (z - m) + lse * sum p
         kld[lo:hi] = base.sum_p_logp[lo:hi] - p_shifted + lse * base.sum_p[lo:hi]
-        nll[lo:hi] = m + lse - z[np.arange(hi - lo), targets[lo:hi]]
+        nll[lo:hi] = _nll(z, m, lse, targets[lo:hi])
         top[lo:hi] = z.argmax(axis=1)
 
     _in_blocks(n, threads, work)
@@ -410,6 +418,7 @@ class EvalResult:
     base_seconds: float | None = None  # the base's decoding + statistics (shared by evaluate_many)
     wall_seconds: float = 0.0  # the whole call: loading, tokenizing, every model
     notes: list[str] = field(default_factory=list)
+    offload: dict | None = None  # runtime.llama.Offload.to_dict() of this model as loaded
 
     def to_dict(self) -> dict:
         """Plain JSON-ready values (a statistic that is undefined, e.g. NaN, becomes None)."""
@@ -470,9 +479,10 @@ def evaluate(model: str | Path, base: str | Path | None = None, text: str | Path
              chunks: int | None = None, threads: int | None = None, *,
              progress: Callable[[int, int], None] | None = None, llama_compat: bool = False,
              base_logits: str | Path | None = None,
-             before_write: Callable[[int], None] | None = None) -> EvalResult:
+             before_write: Callable[[int], None] | None = None, options=None) -> EvalResult:
     """Perplexity of ``model`` over ``text`` and, with ``base``, the KL-divergence statistics of
-    ``model`` against ``base`` (llama-perplexity --kl-divergence).
+    ``model`` against ``base`` (llama-perplexity --kl-divergence). ``options``: a runtime.llama.LoadOptions
+    (GPU layers, mmap/mlock, flash attention, KV types) for every model loaded.
 
     ``base_logits``: a llama-perplexity ``--kl-divergence-base`` file. When it exists it is the
     base (its tokens replace ``text``, its context ``ctx``; statistics as the tool computes them
@@ -484,8 +494,9 @@ def evaluate(model: str | Path, base: str | Path | None = None, text: str | Path
         if not file.exists():
             if base is None:
                 raise LogitsFileError(file, "no such file; give a base model to compute it")
-            write_base_logits(base, file, text, ctx, chunks, threads, before_write=before_write)
-        result = evaluate_against_logits(model, file, chunks=chunks, threads=threads, progress=progress)
+            write_base_logits(base, file, text, ctx, chunks, threads, before_write=before_write, options=options)
+        result = evaluate_against_logits(model, file, chunks=chunks, threads=threads, progress=progress,
+                                         options=options)
         if base is not None:
             result.base = str(base)
             result.base_file_type, result.base_is_quantized = _check_file(Path(base), result.n_ctx)
@@ -493,7 +504,7 @@ def evaluate(model: str | Path, base: str | Path | None = None, text: str | Path
         result.wall_seconds = time.perf_counter() - t0
         return result
     return _evaluate([Path(model)], Path(base) if base is not None else None, text, ctx, chunks, threads,
-                     progress, llama_compat)[0]
+                     progress, llama_compat, options)[0]
 
 
 @dataclass
@@ -530,13 +541,13 @@ def base_logits_layout(base: str | Path, text: str | Path | None = None, ctx: in
 def write_base_logits(base: str | Path, path: str | Path, text: str | Path | None = None, ctx: int = 512,
                       chunks: int | None = None, threads: int | None = None, *,
                       progress: Callable[[int, int], None] | None = None,
-                      before_write: Callable[[int], None] | None = None) -> BaseLogitsInfo:
+                      before_write: Callable[[int], None] | None = None, options=None) -> BaseLogitsInfo:
     """Run ``base`` over ``text`` once and store its log-probabilities as llama-perplexity's
     ``--kl-divergence-base`` does (same tokens, chunks and 16-bit rows), atomically.
     ``before_write(nbytes)`` is called with the exact file size before anything is written (to
     announce it or refuse it)."""
     from ..system import default_threads
-    from ..runtime.llama import Model
+    from ..runtime.llama import LoadOptions, Model
     from .logits_file import LogitsFileWriter, scored_per_chunk
 
     t0 = time.perf_counter()
@@ -545,7 +556,8 @@ def write_base_logits(base: str | Path, path: str | Path, text: str | Path | Non
         before_write(size)
     n_threads = default_threads(threads)
     n_chunk = len(tokens) // ctx
-    with Model(base, n_ctx=ctx, n_batch=ctx, threads=n_threads, flash_attn=FLASH_ATTN) as m, \
+    kwargs = (options or LoadOptions()).model_kwargs(n_ctx=ctx, n_batch=ctx, threads=n_threads, flash_attn=FLASH_ATTN)
+    with Model(base, **kwargs) as m, \
             LogitsFileWriter(path, ctx, n_vocab, tokens) as writer:
         n_scored = scored_per_chunk(ctx)
         for i, chunk, _ in _chunks(tokens, ctx, n_chunk, m.add_bos, m.bos):
@@ -559,11 +571,11 @@ def write_base_logits(base: str | Path, path: str | Path, text: str | Path | Non
 
 def evaluate_against_logits(model: str | Path, base_logits: str | Path, *, chunks: int | None = None,
                             threads: int | None = None,
-                            progress: Callable[[int, int], None] | None = None) -> EvalResult:
+                            progress: Callable[[int, int], None] | None = None, options=None) -> EvalResult:
     """``model`` against a stored base (llama-perplexity --kl-divergence with --kl-divergence-base
     FILE): the file's tokens and context; one chunk of logits in memory at a time."""
     from ..system import default_threads
-    from ..runtime.llama import Model
+    from ..runtime.llama import LoadOptions, Model
     from .logits_file import LogitsFile
 
     t_start = time.perf_counter()
@@ -578,7 +590,9 @@ def evaluate_against_logits(model: str | Path, base_logits: str | Path, *, chunk
             raise EvalError(f"chunks must be >= 1, got {chunks}", chunks)
         _check_file(path, ctx)
         stats, seconds = Statistics(), 0.0
-        with Model(path, n_ctx=ctx, n_batch=ctx, threads=n_threads, flash_attn=FLASH_ATTN) as m:
+        kwargs = (options or LoadOptions()).model_kwargs(n_ctx=ctx, n_batch=ctx, threads=n_threads, flash_attn=FLASH_ATTN)
+        with Model(path, **kwargs) as m:
+            offload = m.offload.to_dict()
             if m.n_vocab != h.n_vocab:
                 raise LogitsFileError(file.path, f"holds a {h.n_vocab}-token vocabulary, {path.name} has "
                                                  f"{m.n_vocab}: KL divergence needs the same tokenizer")
@@ -599,6 +613,7 @@ def evaluate_against_logits(model: str | Path, base_logits: str | Path, *, chunk
         threads=n_threads, seconds=seconds, tokens_per_second=n_chunk * ctx / seconds if seconds > 0 else 0.0,
         wall_seconds=time.perf_counter() - t_start,
         notes=[f"base log-probabilities read from {Path(base_logits).name} (llama-perplexity's 16-bit storage)"],
+        offload=offload,
     )
 
 
@@ -623,12 +638,12 @@ def _base_notes(base_path: Path, base_type: str | None, base_quantized: bool | N
 def evaluate_many(models: Sequence[str | Path], base: str | Path, text: str | Path | None = None, ctx: int = 512,
                   chunks: int | None = None, threads: int | None = None, *,
                   progress: Callable[[int, int], None] | None = None,
-                  llama_compat: bool = False) -> list[EvalResult]:
+                  llama_compat: bool = False, options=None) -> list[EvalResult]:
     """``evaluate`` for several models against one base: the base runs once per chunk and every model
     over the same chunk right after, so memory holds one chunk of logits per model."""
     if not models:
         return []
-    return _evaluate([Path(m) for m in models], Path(base), text, ctx, chunks, threads, progress, llama_compat)
+    return _evaluate([Path(m) for m in models], Path(base), text, ctx, chunks, threads, progress, llama_compat, options)
 
 
 def _check_file(path: Path, ctx: int) -> tuple[str | None, bool]:
@@ -646,9 +661,11 @@ def _check_file(path: Path, ctx: int) -> tuple[str | None, bool]:
 
 
 def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks: int | None,
-              threads: int | None, progress, llama_compat: bool) -> list[EvalResult]:
+              threads: int | None, progress, llama_compat: bool, options=None) -> list[EvalResult]:
     from ..system import default_threads
-    from ..runtime.llama import Model
+    from ..runtime.llama import LoadOptions, Model
+
+    options = options or LoadOptions()
 
     t_start = time.perf_counter()
     check_ctx(ctx)
@@ -656,7 +673,8 @@ def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks:
     n_threads = default_threads(threads)
     with contextlib.ExitStack() as stack:
         def load(path: Path) -> Model:
-            return stack.enter_context(Model(path, n_ctx=ctx, n_batch=ctx, threads=n_threads, flash_attn=FLASH_ATTN))
+            return stack.enter_context(Model(path, **options.model_kwargs(n_ctx=ctx, n_batch=ctx, threads=n_threads,
+                                                                          flash_attn=FLASH_ATTN)))
 
         for path in paths:
             _check_file(path, ctx)
@@ -706,10 +724,11 @@ def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks:
                 seconds[k] += time.perf_counter() - t0
             if progress is not None:
                 progress(i + 1, n_chunk)
+        offloads = [m.offload.to_dict() for m in models]
 
     wall = time.perf_counter() - t_start
     results = []
-    for path, s, sec in zip(paths, stats, seconds):
+    for path, s, sec, offload in zip(paths, stats, seconds, offloads):
         summary = s.summary()
         notes = _base_notes(base_path, base_type, base_quantized) if base_path is not None else []
         results.append(EvalResult(
@@ -718,6 +737,7 @@ def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks:
             base_file_type=base_type, base_is_quantized=base_quantized, llama_compat=llama_compat,
             threads=n_threads, seconds=sec, tokens_per_second=n_chunk * ctx / sec if sec > 0 else 0.0,
             base_seconds=base_seconds if base is not None else None, wall_seconds=wall, notes=notes,
+            offload=offload,
         ))
     return results
 

@@ -76,18 +76,25 @@ class LadderResult:
     out_dir: str
     base_logits: str | None = None
     keep: str = "all"
+    offload: dict | None = None  # runtime.llama.Offload.to_dict(): layers on GPU / CPU in eval and speed
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _quantize(src: Path, dst: Path, ftype: LlamaFileType, threads: int) -> tuple[QuantizeResult, bool]:
+def _quantize(src: Path, dst: Path, ftype: LlamaFileType, threads: int, imat=None) -> tuple[QuantizeResult, bool]:
     options = RecipeOptions(allow_requantize=True)
-    if dst.exists() and output_is_current(dst, src, ftype, options):
-        return quantize_model(src, None, ftype, options=options, dry_run=True), True
-    planned = quantize_model(src, None, ftype, options=options, dry_run=True)
+    weighting = {"importance": imat.entries, "metadata": imat.provenance()} if imat is not None else {}
+    if dst.exists() and output_is_current(dst, src, ftype, options, weighting.get("importance")):
+        return quantize_model(src, None, ftype, options=options, dry_run=True, **weighting), True
+    planned = quantize_model(src, None, ftype, options=options, dry_run=True, **weighting)
     check_disk_space(dst.parent, planned.file_bytes or planned.output_bytes, f"{ftype_name(ftype)} file {dst.name}")
-    return quantize_model(src, dst, ftype, options=options, threads=threads, force=True), False
+    return quantize_model(src, dst, ftype, options=options, threads=threads, force=True, **weighting), False
+
+
+# rungs an importance matrix changes: K and legacy quants (Q8_0 and the float types ignore it)
+_NO_IMATRIX = {"F32", "F16", "BF16", "Q8_0"}
+IMAT_SUFFIX = "+imat"
 
 
 def _rung(name: str, path: Path, q: QuantizeResult, reused: bool) -> RungResult:
@@ -164,6 +171,8 @@ def run_ladder(
     machine: str = "this",
     step: Step | None = None,
     keep: str | None = None,
+    options=None,
+    imatrix: str | Path | None = None,
 ) -> LadderResult:
     """Quantize ``model`` (GGUF, stored name or Hugging Face folder) to every rung and measure each
     against the base, one rung at a time: peak memory is the largest single model plus a chunk of
@@ -171,7 +180,11 @@ def run_ladder(
     llama-perplexity's --kl-divergence-base format; finished work is recorded in
     ``ladder-state.json`` there, so a rerun after an interruption redoes only what is unfinished.
     ``keep``: which rung files stay, "all", "best" (the recommended one) or "none"; default "all"
-    below KEEP_ALL_BELOW parameters, "best" above."""
+    below KEEP_ALL_BELOW parameters, "best" above.
+    ``options``: a runtime.llama.LoadOptions (GPU layers, ...) for evaluation and speed.
+    ``imatrix``: None (no importance rungs), "auto" (collected from the base on the shipped
+    calibration text, into ``out_dir``, reused while current) or an imatrix file; then every K /
+    legacy rung is also made with it (``Q4_K_M+imat``)."""
     from .eval import base_logits_layout, evaluate_against_logits, load_text, write_base_logits
     from .logits_file import LogitsFile
 
@@ -223,6 +236,25 @@ def run_ladder(
             f"the source file is itself quantized ({source_type}); every rung is re-quantized from its "
             f"{base_name} rendering, so the losses shown are optimistic compared with quantizing the original weights"
         )
+    imat = None
+    if imatrix is not None:
+        from ..gguf.imatrix import load_imatrix
+
+        if str(imatrix) == "auto":
+            from ..calibrate import auto_imatrix
+
+            step("imatrix: collect on the calibration text", None)
+            made = auto_imatrix(base_path, out, threads=threads)
+            notes.append(f"importance matrix {made.path} ({'reused' if made.reused else 'collected'} from the "
+                         f"{base_name} base over {made.chunk_count} chunks of the calibration text)")
+            imatrix = made.path
+        imat = load_imatrix(imatrix)
+    # (rung name, file type, importance matrix or None, file)
+    units = []
+    for name, ftype in ftypes:
+        units.append((name, ftype, None, out / f"{stem}-{name}.gguf"))
+        if imat is not None and name not in _NO_IMATRIX:
+            units.append((name + IMAT_SUFFIX, ftype, imat, out / f"{stem}-{name}-imat.gguf"))
 
     # the base's log-probabilities, once per (base, text, ctx, chunks)
     content, _ = load_text(text)
@@ -231,7 +263,8 @@ def run_ladder(
     plans = {name: quantize_model(src, None, ftype, options=RecipeOptions(allow_requantize=True), dry_run=True)
              for name, ftype in ftypes}
     progress = _Progress(step, {"base": float(Path(base_path).stat().st_size),
-                                **{name: float(q.file_bytes or q.output_bytes) for name, q in plans.items()}})
+                                **{u[0]: float(plans[u[0].removesuffix(IMAT_SUFFIX)].file_bytes or
+                                               plans[u[0].removesuffix(IMAT_SUFFIX)].output_bytes) for u in units}})
     if not (state.get("base-logits", logits_key) and _logits_ok(logits_path, LogitsFile)):
         def before_write(nbytes: int) -> None:
             step(f"base logits: {nbytes / 2**20:,.0f} MiB to {logits_path.name} (llama-perplexity's "
@@ -239,7 +272,8 @@ def run_ladder(
             check_disk_space(out, nbytes, f"base logits {logits_path.name}")
 
         write_base_logits(base_path, logits_path, text, ctx, chunks, threads, before_write=before_write,
-                          progress=lambda i, n: progress(f"base logits: chunk {i}/{n}", "base", i / n))
+                          progress=lambda i, n: progress(f"base logits: chunk {i}/{n}", "base", i / n),
+                          options=options)
         state.put("base-logits", logits_key, {"path": str(logits_path)})
     progress.finish("base")
     logits_bytes = logits_path.stat().st_size
@@ -248,10 +282,9 @@ def run_ladder(
                                              machine, notes)
     results: list[RungResult] = []
     n_chunks = None
-    for name, ftype in ftypes:
-        path = out / f"{stem}-{name}.gguf"
-        options = RecipeOptions(allow_requantize=True)
-        key = fingerprint("rung", src_fp, recipe_key(ftype, options), logits_key)
+    for name, ftype, rung_imat, path in units:
+        recipe = RecipeOptions(allow_requantize=True)
+        key = fingerprint("rung", src_fp, recipe_key(ftype, recipe, rung_imat.entries if rung_imat else None), logits_key)
         rec = state.get(f"rung:{name}", key)
         if rec is not None and speed and not rec.get("speed"):
             rec = None  # measured without --speed before: measure again, with it
@@ -260,20 +293,21 @@ def run_ladder(
             r.kept = path.is_file()
             progress(f"{name}: measured before, reused", name)
         else:
-            progress(f"quantize {name}", name)
-            q, reused = _quantize(src, path, ftype, threads)
+            progress(f"quantize {name}" + (" with the imatrix" if rung_imat else ""), name)
+            q, reused = _quantize(src, path, ftype, threads, rung_imat)
             r = _rung(name, path, q, reused)
             r.eval = evaluate_against_logits(
-                path, logits_path, threads=threads,
+                path, logits_path, threads=threads, options=options,
                 progress=lambda i, n, nm=name: progress(f"evaluate {nm}: chunk {i}/{n}", nm, 0.3 + 0.5 * i / n),
             ).to_dict()
             if speed:
                 from .bench import probe
 
                 progress(f"speed {name}", name, 0.85)
-                r.speed = probe(r.path, n_prompt=128, n_gen=32, repetitions=2, threads=threads).to_dict()
+                r.speed = probe(r.path, n_prompt=128, n_gen=32, repetitions=2, threads=threads,
+                                options=options).to_dict()
             state.put(f"rung:{name}", key, {k: v for k, v in asdict(r).items() if k not in ("fit", "resumed", "kept")})
-        r.fit = fits.get(name, {})
+        r.fit = fits.get(name.removesuffix(IMAT_SUFFIX), {})
         n_chunks = r.eval.get("n_chunks", n_chunks)
         results.append(r)
         progress.finish(name)
@@ -293,6 +327,7 @@ def run_ladder(
         inversions=inversions, recommendation=recommendation, reasons=reasons, notes=notes,
         machine=machine_info, fit_ctx=fit_ctx,
         seconds=time.perf_counter() - t0, out_dir=str(out), base_logits=str(logits_path), keep=keep,
+        offload=results[0].eval.get("offload") if results else None,
     )
 
 

@@ -1,4 +1,4 @@
-"""Measure what a llama-cpp-python process really uses: ``python -m llmquant.memprobe MODEL --ctx N
+"""Measure what a llama-cpp-python process really uses: ``python -m llmquant.measure.memprobe MODEL --ctx N
 --batch N --kv-type T --prompt P --gen G`` loads MODEL through the runtime, evaluates a prompt of P
 tokens, generates G more and prints one JSON line with the process's peak RSS (getrusage) and the
 speed it saw. ``--baseline`` only imports the runtime and llama_cpp (fit's RUNTIME_BASELINE).
@@ -39,7 +39,7 @@ def prompt_ids(n: int, n_vocab: int) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llmquant.memprobe")
+    ap = argparse.ArgumentParser(prog="python -m llmquant.measure.memprobe")
     ap.add_argument("model", nargs="?")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--batch", type=int, default=512)

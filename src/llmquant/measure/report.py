@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from .ladder import LadderResult
+from .ladder import IMAT_SUFFIX, LadderResult
 
 COLUMNS = ("rung", "size", "bpw", "PPL", "ΔPPL", "KLD mean", "KLD p99", "same top", "pp t/s", "tg t/s",
            "peak RSS", "RAM @ctx", "fallback")
@@ -17,10 +17,35 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _has_imatrix(result: LadderResult) -> bool:
+    return any(r.name.endswith(IMAT_SUFFIX) for r in result.rungs)
+
+
+def columns(result: LadderResult) -> tuple[str, ...]:
+    """COLUMNS, with "KLD gain" after "KLD mean" when the ladder has imatrix rungs."""
+    if not _has_imatrix(result):
+        return COLUMNS
+    i = COLUMNS.index("KLD mean") + 1
+    return COLUMNS[:i] + ("KLD gain",) + COLUMNS[i:]
+
+
+def kld_gain(result: LadderResult, name: str) -> float | None:
+    """For ``X+imat``: how much lower its mean KLD is than X's (0.25 = a quarter lower)."""
+    if not name.endswith(IMAT_SUFFIX):
+        return None
+    by_name = {r.name: r for r in result.rungs}
+    plain, imat = by_name.get(name[: -len(IMAT_SUFFIX)]), by_name.get(name)
+    if not (plain and imat and plain.eval and imat.eval) or plain.eval["kld_mean"] <= 0:
+        return None
+    return 1.0 - imat.eval["kld_mean"] / plain.eval["kld_mean"]
+
+
 def rows(result: LadderResult) -> list[list[str]]:
     out = []
+    with_gain = _has_imatrix(result)
     for r in result.rungs:
         e, s = r.eval, r.speed
+        gain = kld_gain(result, r.name)
         out.append([
             r.name + (" *" if r.name == result.recommendation else ""),
             _mib(r.file_bytes),
@@ -28,6 +53,7 @@ def rows(result: LadderResult) -> list[list[str]]:
             f"{e['ppl']:.3f} ± {e['ppl_err']:.3f}" if e else "-",
             f"{100 * (e['ppl_ratio'] - 1):+.2f}%" if e else "-",
             f"{e['kld_mean']:.5f}" if e else "-",
+            *([f"{100 * gain:+.1f}%" if gain is not None else "-"] if with_gain else []),
             f"{e['kld_p99']:.4f}" if e else "-",
             f"{e['top1']:.2f}%" if e else "-",
             f"{s['pp_tps']:.0f}" if s else "-",
@@ -71,7 +97,7 @@ def footer_lines(result: LadderResult) -> list[str]:
 
 def table(result: LadderResult) -> Table:
     t = Table(title="llmquant ladder", title_justify="left")
-    for c in COLUMNS:
+    for c in columns(result):
         t.add_column(c, justify="left" if c == "rung" else "right")
     for row in rows(result):
         t.add_row(*row)
@@ -112,7 +138,8 @@ def plain_table(result: LadderResult, width: int = 80) -> str:
 def markdown(result: LadderResult) -> str:
     out = ["# llmquant ladder", ""]
     out += [f"- {line}" for line in header_lines(result)]
-    out += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    cols = columns(result)
+    out += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(r) + " |" for r in rows(result)]
     out.append("")
     out += [f"- {line.strip()}" if not line.startswith("  ") else f"  - {line.strip()}" for line in footer_lines(result)]
@@ -133,12 +160,20 @@ def plot(result: LadderResult, path: Path) -> None:
                            (ax2, 2, "perplexity increase vs base (%)")):
         xs = [p[0] for p in pts]
         ys = [max(p[1], 1e-7) if idx == 1 else 100 * (p[2] - 1) for p in pts]
-        colors = ["tab:red" if p[3] == result.recommendation else "tab:blue" for p in pts]
+        imat = [p[3].endswith(IMAT_SUFFIX) for p in pts]
+        colors = ["tab:red" if p[3] == result.recommendation else "tab:green" if m else "tab:blue"
+                  for p, m in zip(pts, imat)]
         order = sorted(range(len(xs)), key=lambda i: xs[i])
-        ax.plot([xs[i] for i in order], [ys[i] for i in order], color="tab:gray", alpha=0.4, zorder=2)
+        for want, color, kind in ((False, "tab:blue", "without imatrix"), (True, "tab:green", "with imatrix")):
+            line = [i for i in order if imat[i] == want]
+            if line:  # one curve per kind, so the imatrix gain reads as the gap between them
+                ax.plot([xs[i] for i in line], [ys[i] for i in line], color=color, alpha=0.45, zorder=2,
+                        label=kind if any(imat) else None)
+        if any(imat):
+            ax.legend(loc="upper right", fontsize=9)
         ax.scatter(xs, ys, c=colors, s=40, zorder=3)
         for rank, i in enumerate(order):  # alternate label sides so neighbours do not overlap
-            right = rank % 2 == 0
+            right = not imat[i] if any(imat) else rank % 2 == 0  # with imatrix rows: +imat left, plain right
             ax.annotate(pts[i][3], (xs[i], ys[i]), textcoords="offset points", fontsize=9,
                         xytext=(7, 4) if right else (-7, -4), ha="left" if right else "right",
                         va="bottom" if right else "top")

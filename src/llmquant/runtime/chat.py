@@ -107,9 +107,11 @@ def render_chat(
         raise ChatTemplateError(f"cannot render it: {type(exc).__name__}: {exc}") from None
 
 
-def validate_messages(messages: Any) -> list[dict[str, str]]:
-    """Messages in OpenAI's shape -> ``[{"role", "content"}]`` with text content (text parts are
-    joined, ``developer`` becomes ``system``). Raises ``ValueError`` naming the bad message."""
+def validate_messages(messages: Any) -> list[dict[str, Any]]:
+    """Messages in OpenAI's (or Ollama's) shape -> ``[{"role", "content"}]`` with text content (text
+    parts are joined, ``developer`` becomes ``system``), keeping an assistant's ``tool_calls`` (their
+    ``arguments`` as objects, the way Hugging Face templates read them) and a tool result's
+    ``tool_call_id`` / ``name``. Raises ``ValueError`` naming the bad message."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
     out = []
@@ -131,5 +133,32 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
             content = "".join(texts)
         elif not isinstance(content, str):
             raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        msg: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
+        if m.get("tool_calls"):
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], i)
+        for key in ("tool_call_id", "name", "tool_name"):
+            if isinstance(m.get(key), str):
+                msg["name" if key == "tool_name" else key] = m[key]
+        out.append(msg)
+    return out
+
+
+def _tool_calls(calls: Any, i: int) -> list[dict[str, Any]]:
+    if not isinstance(calls, list):
+        raise ValueError(f"messages[{i}].tool_calls must be a list")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ValueError(f"messages[{i}].tool_calls[{j}] must have a function with a name")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON") from None
+        entry = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        out.append(entry)
     return out

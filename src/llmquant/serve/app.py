@@ -6,54 +6,35 @@ Endpoints as llama-server and Ollama's OpenAI layer offer them: ``/v1/chat/compl
 "param", "code"}}``. Binds 127.0.0.1 unless told otherwise; with ``api_key`` every endpoint but
 ``/health`` needs ``Authorization: Bearer KEY``.
 
-Concurrency: ``parallel`` slots, each its own llama.cpp context over the same memory-mapped
-weights. A request waits for a free slot in arrival order (an ``asyncio.Queue`` of idle slots
-serves its waiters first-in first-out); generation runs in a thread, so the event loop stays free
-to accept, validate (with a vocabulary-only copy of the model) and stream. A client that goes away
-mid-stream cancels its generation at the next token and the slot returns to the queue.
+The engine (slots, generation, streaming, grammars, tool calls) is engine.py; the models a server
+holds, loaded by name, pool.py; Ollama's routes, ollama.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hmac
 import json
 import socket
 import sys
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import anyio
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.responses import StreamingResponse
 
-from ..errors import LlmquantError
-from ..runtime.llama import ContextLengthError, Model, Sampling, TextStream
-
-EMBED_CTX = 2048
-
-
-class ServeError(LlmquantError):
-    """The server cannot start (address in use, bad options)."""
+from ..runtime.llama import Sampling, TextStream
+from .engine import (EMBED_CTX, APIError, Job, ServerState, ServeError, Slots, _EventStream, _openai_tools,  # noqa: F401
+                     _template_renders_tools, _tool_choice, check_room, check_stop, embed, generate, leased,
+                     load_state, parse_tool_calls, schema_grammar, stream_pieces, tool_call_grammar)
 
 
-class APIError(Exception):
-    """An error answered to a client in OpenAI's JSON shape."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
 
 
 # -- request bodies (unknown fields are accepted and ignored, as OpenAI clients send many) --------------
@@ -73,11 +54,12 @@ class _Common(BaseModel):
     stop: StopT = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=128)  # OpenAI allows up to 128
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repeat_penalty: float | None = Field(default=None, gt=0.0)
     logprobs: Any | None = None
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Common):
@@ -90,7 +72,8 @@ class ChatRequest(_Common):
     messages: list[Any]
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class EmbeddingRequest(BaseModel):
@@ -103,113 +86,50 @@ class EmbeddingRequest(BaseModel):
 
 
 # -- slots ---------------------------------------------------------------------------------------------
-class Slots:
-    """Loaded models handed out first come, first served."""
-
-    def __init__(self, models: list[Model]):
-        self.models = models
-        self._idle: asyncio.Queue[Model] | None = None
-
-    @property
-    def idle(self) -> asyncio.Queue[Model]:
-        if self._idle is None:  # created inside the server's event loop
-            self._idle = asyncio.Queue()
-            for m in self.models:
-                self._idle.put_nowait(m)
-        return self._idle
-
-    async def acquire(self) -> Model:
-        return await self.idle.get()
-
-    def release(self, model: Model) -> None:
-        self.idle.put_nowait(model)
 
 
-def _in_thread(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any], on_exit: Callable[[], None]) -> asyncio.Future:
-    """Run ``fn`` in a new thread; the future resolves with its result. ``on_exit`` runs in the event
-    loop once the thread is done with the model, whatever happened to the awaiting request."""
-    fut = loop.create_future()
-
-    def settle(ok: bool, value: Any) -> None:
-        on_exit()
-        if not fut.done():
-            fut.set_result(value) if ok else fut.set_exception(value)
-
-    def body() -> None:
-        try:
-            result, ok = fn(), True
-        except BaseException as exc:  # noqa: BLE001 — handed to the awaiting request
-            result, ok = exc, False
-        try:
-            loop.call_soon_threadsafe(settle, ok, result)
-        except RuntimeError:  # the loop closed (shutdown)
-            pass
-
-    threading.Thread(target=body, daemon=True).start()
-    return fut
 
 
 # -- the server ----------------------------------------------------------------------------------------
-@dataclass
-class ServerState:
-    model_id: str
-    path: Path
-    slots: Slots
-    vocab: Model  # vocabulary only: tokenize and format chats without a slot
-    n_ctx: int
-    threads: int
-    api_key: str | None = None
-    aliases: set[str] = field(default_factory=set)
-    created: int = field(default_factory=lambda: int(time.time()))
-    _embedder: Model | None = None
-    _embed_lock: asyncio.Lock | None = None
-
-    @property
-    def embed_lock(self) -> asyncio.Lock:
-        if self._embed_lock is None:  # created inside the server's event loop
-            self._embed_lock = asyncio.Lock()
-        return self._embed_lock
-
-    def check_model(self, name: str | None) -> None:
-        if name is None or name in self.aliases:
-            return
-        raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.model_id}`",
-                       param="model", code="model_not_found")
-
-    async def embedder(self) -> Model:
-        async with self.embed_lock:
-            if self._embedder is None:
-                n = min(self.n_ctx, EMBED_CTX)
-                self._embedder = await asyncio.to_thread(
-                    Model, self.path, n_ctx=n, n_batch=n, embedding=True, threads=self.threads)
-            return self._embedder
 
 
-def load_state(path: Path, model_id: str, *, n_ctx: int, parallel: int, threads: int | None,
-               api_key: str | None, aliases: set[str] | None = None) -> ServerState:
-    from ..system import default_threads
-
-    per_slot = threads or max(1, default_threads() // parallel)
-    models = [Model(path, n_ctx=n_ctx, threads=per_slot, n_batch=min(512, n_ctx)) for _ in range(parallel)]
-    vocab = Model(path, vocab_only=True)
-    names = {model_id, path.name, path.stem, str(path)} | (aliases or set())
-    return ServerState(model_id, path, Slots(models), vocab, n_ctx, per_slot, api_key, names)
 
 
-def create_app(state: ServerState):
+def create_app(state: ServerState | None, pool: Any = None, report_dirs: list[Path] | None = None):
+    """The FastAPI app over ``pool`` (a serve.pool.ModelPool) — or, for a single preloaded model, over
+    ``state`` alone (a pool holding just it, the store not consulted)."""
     from fastapi import Depends, FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from .. import __version__
+    from .pool import ModelPool
+
+    if pool is None:
+        assert state is not None
+
+        def only(name: str | None) -> tuple[str, Path]:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves `{state.model_id}`",
+                           param="model", code="model_not_found")
+
+        pool = ModelPool(budget=1 << 62, resolve=only, cost=lambda path, n_ctx, parallel: 0)
+        pool.add(state)
+    elif state is not None and pool.find(state.model_id) is None:
+        pool.add(state)
 
     app = FastAPI(title="llmquant", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.llm = state
+    app.state.pool = pool
+
+    def error_response(request: Request, exc: APIError) -> JSONResponse:
+        if request.url.path.startswith("/api/"):  # Ollama's shape: {"error": "message"}
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -217,120 +137,226 @@ def create_app(state: ServerState):
         first: dict[str, Any] = dict(errors[0]) if errors else {"loc": (), "msg": "invalid request"}
         if first.get("type") == "json_invalid":
             detail = (first.get("ctx") or {}).get("error", first["msg"])
-            return JSONResponse(APIError(400, f"the request body is not valid JSON: {detail}").body(), 400)
+            return error_response(request, APIError(400, f"the request body is not valid JSON: {detail}"))
         loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         msg = f"{loc}: {first['msg']}" if loc else str(first["msg"])
-        return JSONResponse(APIError(400, msg, param=loc or None).body(), status_code=400)
+        return error_response(request, APIError(400, msg, param=loc or None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return JSONResponse(APIError(exc.status_code, str(exc.detail), code=None).body(), status_code=exc.status_code)
+        return error_response(request, APIError(exc.status_code, str(exc.detail), code=None))
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
-        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body(), 500)
+        return error_response(request, APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
     async def authorized(request: Request) -> None:
-        if state.api_key is None:
+        key = pool.api_key if state is None else state.api_key
+        if key is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise APIError(401, "Incorrect or missing API key: send Authorization: Bearer KEY",
                            type="invalid_request_error", code="invalid_api_key")
 
     guarded = [Depends(authorized)]
+    app.state.guarded = guarded
 
     @app.get("/health")
     async def health():
-        idle = state.slots.idle.qsize()
-        return {"status": "ok", "model": state.model_id, "slots_idle": idle, "slots_total": len(state.slots.models)}
+        e = pool.find(None)
+        if e is None:
+            return {"status": "ok", "model": pool.default, "slots_idle": 0, "slots_total": 0, "loaded": 0}
+        st = e.state
+        return {"status": "ok", "model": st.model_id, "slots_idle": st.slots.idle.qsize(),
+                "slots_total": len(st.slots.models), "loaded": len(pool.entries)}
 
     @app.get("/v1/models", dependencies=guarded)
     async def models():
-        return {"object": "list", "data": [_model_card(state)]}
+        return {"object": "list", "data": [_model_card(c) for c in _cards(pool)]}
 
     @app.get("/v1/models/{name:path}", dependencies=guarded)
     async def model(name: str):
-        state.check_model(name)
-        return _model_card(state)
+        for c in _cards(pool):
+            if name == c["id"] or name in c["aliases"]:
+                return _model_card(c)
+        pool.resolve(name)  # raises the 404
+        raise APIError(404, f"The model `{name}` does not exist", param="model", code="model_not_found")
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest, request: Request):
-        state.check_model(body.model)
         _unsupported(body, echo=body.echo, suffix=body.suffix)
-        prompt: Any = body.prompt
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                raise APIError(400, "only one prompt per request is supported", param="prompt")
-            prompt = prompt[0]  # a string, or a list of token ids
-        ids = _prompt_ids(state, prompt)
-        return await _respond(state, body, ids, chat=False, request=request)
+        lp = _completion_logprobs(body.logprobs)
+
+        async def answer(st: ServerState):
+            prompt: Any = body.prompt
+            if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+                if len(prompt) != 1:
+                    raise APIError(400, "only one prompt per request is supported", param="prompt")
+                prompt = prompt[0]  # a string, or a list of token ids
+            ids = _prompt_ids(st, prompt)
+            return await _respond(st, body, ids, chat=False, request=request, grammar=_response_grammar(body),
+                                  logprobs=lp)
+
+        return await leased(pool, body.model, answer)
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatRequest, request: Request):
         from ..runtime.chat import ChatTemplateError, validate_messages
 
-        state.check_model(body.model)
         _unsupported(body)
-        if body.tools:
-            raise APIError(400, "tool calling is not supported", param="tools")
-        fmt = (body.response_format or {}).get("type", "text")
-        if fmt != "text":
-            raise APIError(400, f"response_format {fmt!r} is not supported", param="response_format")
+        if body.max_completion_tokens is not None and body.max_tokens is None:
+            body.max_tokens = body.max_completion_tokens
         try:
             messages = validate_messages(body.messages)
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
-        try:
-            prompt = state.vocab.format_chat(messages)
-        except ChatTemplateError as exc:
-            raise APIError(400, str(exc), param="messages") from None
-        if body.max_completion_tokens is not None and body.max_tokens is None:
-            body.max_tokens = body.max_completion_tokens
-        return await _respond(state, body, _prompt_ids(state, prompt), chat=True, request=request)
+        tools = _openai_tools(body.tools)
+        choice = _tool_choice(body.tool_choice, tools)
+        if tools and choice != "none" and body.response_format and body.response_format.get("type", "text") != "text":
+            raise APIError(400, "response_format cannot be combined with tools", param="response_format")
+        lp = None
+        if body.logprobs:
+            if not isinstance(body.logprobs, bool):
+                raise APIError(400, "logprobs must be true or false for chat completions", param="logprobs")
+            lp = body.top_logprobs or 0
+        elif body.top_logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+
+        async def answer(st: ServerState):
+            if tools and not _template_renders_tools(st):
+                raise APIError(400, f"{st.model_id}'s chat template does not render tools, so it cannot call them",
+                               param="tools")
+            try:
+                prompt = st.vocab.format_chat(messages, tools=tools or None)
+            except ChatTemplateError as exc:
+                raise APIError(400, str(exc), param="messages") from None
+            grammar = _response_grammar(body)
+            if tools and choice not in ("none", "auto"):
+                grammar = tool_call_grammar(tools, None if choice == "required" else choice)
+            return await _respond(st, body, _prompt_ids(st, prompt), chat=True, request=request, grammar=grammar,
+                                  logprobs=lp, tools=tools if choice != "none" else None)
+
+        return await leased(pool, body.model, answer)
 
     @app.post("/v1/embeddings", dependencies=guarded)
     async def embeddings(body: EmbeddingRequest):
-        state.check_model(body.model)
         items: list = [body.input] if isinstance(body.input, str) or (
             isinstance(body.input, list) and body.input and isinstance(body.input[0], int)) else list(body.input)
         if not items or any(len(x) == 0 for x in items):
             raise APIError(400, "input must not be empty", param="input")
         if body.dimensions is not None:
             raise APIError(400, "dimensions is not supported", param="dimensions")
-        model = await state.embedder()
-        async with state.embed_lock:  # one embedding batch at a time on the shared context
-            try:
-                vectors, n_tokens = await asyncio.to_thread(model.embed, items)
-            except ContextLengthError as exc:
-                raise APIError(400, str(exc), param="input", code="context_length_exceeded") from None
-        data = []
-        for i, v in enumerate(vectors):
-            emb: Any = base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64" \
-                else [float(x) for x in v]
-            data.append({"object": "embedding", "index": i, "embedding": emb})
-        return {"object": "list", "data": data, "model": state.model_id,
-                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 
+        async def answer(st: ServerState):
+            vectors, n_tokens = await embed(st, items)
+            data = []
+            for i, v in enumerate(vectors):
+                emb: Any = base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64" \
+                    else [float(x) for x in v]
+                data.append({"object": "embedding", "index": i, "embedding": emb})
+            return {"object": "list", "data": data, "model": st.model_id,
+                    "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+
+        return await leased(pool, body.model, answer)
+
+    from .ollama import JsonBodies, add_routes
+
+    add_routes(app, pool, guarded)
+    app.add_middleware(JsonBodies)
+    from . import ui
+
+    ui.add_routes(app, pool, guarded, list(report_dirs or []))
+    web = Path(__file__).with_name("web")
+    if (web / "index.html").is_file():
+        from fastapi.responses import FileResponse
+        from fastapi.staticfiles import StaticFiles
+
+        @app.get("/", include_in_schema=False)
+        async def index():
+            return FileResponse(web / "index.html")
+
+        app.mount("/web", StaticFiles(directory=web), name="web")
     return app
 
 
-def _model_card(state: ServerState) -> dict:
-    return {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "llmquant",
-            "meta": {"n_ctx": state.n_ctx, "slots": len(state.slots.models), "path": str(state.path)}}
+
+
+
+
+def _cards(pool: Any) -> list[dict]:
+    """Every model a client may name: the loaded ones, then the store's (the embedded default too)."""
+    from ..store import list_models
+
+    cards: dict[str, dict] = {}
+    for e in pool.loaded():
+        st = e.state
+        cards.setdefault(st.model_id, {"id": st.model_id, "created": st.created, "aliases": st.aliases,
+                                       "meta": {"n_ctx": st.n_ctx, "slots": len(st.slots.models), "path": str(st.path),
+                                                "loaded": True}})
+    if pool.resolve.__name__ == "resolve_store_name":
+        for m in list_models():
+            cards.setdefault(m.name, {"id": m.name, "created": int(m.modified), "aliases": {m.name},
+                                      "meta": {"path": m.path, "loaded": False}})
+    return list(cards.values())
+
+
+def _model_card(card: dict) -> dict:
+    return {"id": card["id"], "object": "model", "created": card["created"], "owned_by": "llmquant",
+            "meta": card["meta"]}
 
 
 def _unsupported(body: _Common, **extra: Any) -> None:
-    if body.n != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
-    if body.logprobs:
-        raise APIError(400, "logprobs are not supported", param="logprobs")
     for name, value in extra.items():
         if value:
             raise APIError(400, f"{name} is not supported", param=name)
 
 
+def _completion_logprobs(value: Any) -> int | None:
+    if value is None or value is False:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20:
+        raise APIError(400, "logprobs must be an integer from 0 to 20 for completions", param="logprobs")
+    return value
+
+
+def _response_grammar(body: _Common) -> str | None:
+    """OpenAI's response_format -> a llama.cpp grammar: json_object (any JSON object) or json_schema."""
+    from ..runtime.llama import json_grammar
+
+    fmt = body.response_format or {}
+    kind = fmt.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_grammar()
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise APIError(400, "response_format.json_schema must be an object with a 'schema' object",
+                           param="response_format")
+        return schema_grammar(spec.get("schema") or {"type": "object"}, "response_format")
+    raise APIError(400, f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
+                   param="response_format")
+
+
+
+
+# -- tools ---------------------------------------------------------------------------------------------
+
+
+
+
+
+
+
+
+
+
+
+
+# -- generation ------------------------------------------------------------------------------------------
 def _prompt_ids(state: ServerState, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, list):
         if any(not 0 <= t < state.vocab.n_vocab for t in prompt):
@@ -357,66 +383,78 @@ def _sampling(body: _Common) -> Sampling:
     )
 
 
-async def _respond(state: ServerState, body: _Common, ids: list[int], *, chat: bool, request: Request):
+
+
+
+
+
+
+
+
+
+
+def _chat_logprobs(lps: list) -> dict:
+    def entry(text: str, lp: float) -> dict:
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(t.text, t.logprob), "top_logprobs": [entry(x, v) for _, x, v in t.top]}
+                        for t in lps], "refusal": None}
+
+
+def _text_logprobs(lps: list, offset: int) -> dict:
+    offsets, pos = [], offset
+    for t in lps:
+        offsets.append(pos)
+        pos += len(t.text)
+    return {"tokens": [t.text for t in lps], "token_logprobs": [t.logprob for t in lps],
+            "top_logprobs": [{x: v for _, x, v in t.top} for t in lps], "text_offset": offsets}
+
+
+async def _respond(state: ServerState, body: _Common, ids: list[int], *, chat: bool, request: Request,
+                   grammar: str | None = None, logprobs: int | None = None, tools: list[dict] | None = None):
     from fastapi.responses import JSONResponse
 
-    n_ctx = state.n_ctx
-    if len(ids) >= n_ctx:
-        raise APIError(400, f"This model's maximum context length is {n_ctx} tokens; the prompt has {len(ids)}",
-                       param="messages" if chat else "prompt", code="context_length_exceeded")
-    max_tokens = body.max_tokens if body.max_tokens is not None else n_ctx - len(ids)
-    if len(ids) + max_tokens > n_ctx:
-        raise APIError(400, f"This model's maximum context length is {n_ctx} tokens; you requested "
-                            f"{len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} to generate)",
-                       param="max_tokens", code="context_length_exceeded")
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > 16 or any(not s for s in stop):
-        raise APIError(400, "stop must be up to 16 non-empty strings", param="stop")
-    sampling = _sampling(body)
+    max_tokens = check_room(state, ids, body.max_tokens, "messages" if chat else "prompt")
+    job = Job(ids, max_tokens, _sampling(body), check_stop(body.stop), grammar, logprobs)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return _EventStream(_stream(state, ids, max_tokens, sampling, stop, chat, rid, include_usage))
+        return _EventStream(_stream(state, job, body.n, chat, rid, include_usage, tools))
 
-    cancel = threading.Event()
-    model = await state.slots.acquire()
-    loop = asyncio.get_running_loop()
-    fut = _in_thread(loop, lambda: model.generate(ids, max_tokens=max_tokens, sampling=sampling, stop=stop,
-                                                  cancel=cancel).consume(),
-                     lambda: state.slots.release(model))
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({fut, gone}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        cancel.set()
-        raise
-    finally:
-        gone.cancel()
-    if not fut.done():  # the client hung up: stop generating for nobody (the thread frees the slot)
-        cancel.set()
-        fut.add_done_callback(lambda f: f.exception())  # retrieve it, so asyncio does not complain
-        return JSONResponse(APIError(499, "client closed the request").body(), status_code=499)
-    ts: TextStream = fut.result()
-    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": ts.stats.finish_reason}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": ts.text}
-    else:
-        choice["text"] = ts.text
+    choices, results = [], []
+    for i in range(body.n):
+        ts = await generate(state, job.nth(i), request)
+        if ts is None:
+            return JSONResponse(APIError(499, "client closed the request").body(), status_code=499)
+        results.append(ts)
+        choice: dict[str, Any] = {"index": i, "logprobs": None, "finish_reason": ts.stats.finish_reason}
+        if chat:
+            message: dict[str, Any] = {"role": "assistant", "content": ts.text}
+            if tools:
+                content, calls = parse_tool_calls(ts.text, tools)
+                if calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": calls}
+                    choice["finish_reason"] = "tool_calls"
+            choice["message"] = message
+            if logprobs is not None:
+                choice["logprobs"] = _chat_logprobs(ts.token_logprobs)
+        else:
+            choice["text"] = ts.text
+            if logprobs is not None:
+                choice["logprobs"] = _text_logprobs(ts.token_logprobs, 0)
+        choices.append(choice)
     return JSONResponse({
         "id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-        "model": state.model_id, "choices": [choice], "usage": _usage(ts), "timings": _timings(ts),
+        "model": state.model_id, "choices": choices, "usage": _usage(results), "timings": _timings(results[-1]),
     })
 
 
-async def _disconnected(request: Request) -> None:
-    """Returns when the client closes the connection (the body has been read already)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
-def _usage(ts: TextStream) -> dict:
-    return {"prompt_tokens": ts.stats.prompt_tokens, "completion_tokens": ts.stats.completion_tokens,
-            "total_tokens": ts.stats.prompt_tokens + ts.stats.completion_tokens}
+def _usage(results: list[TextStream]) -> dict:
+    prompt = results[0].stats.prompt_tokens if results else 0
+    completion = sum(ts.stats.completion_tokens for ts in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _timings(ts: TextStream) -> dict:
@@ -426,8 +464,8 @@ def _timings(ts: TextStream) -> dict:
             "predicted_per_second": s.generation_tps}
 
 
-async def _stream(state: ServerState, ids: list[int], max_tokens: int, sampling: Sampling, stop: list[str],
-                  chat: bool, rid: str, include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(state: ServerState, job: Job, n: int, chat: bool, rid: str, include_usage: bool,
+                  tools: list[dict] | None) -> AsyncIterator[bytes]:
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -435,80 +473,57 @@ async def _stream(state: ServerState, ids: list[int], max_tokens: int, sampling:
         payload = {"id": rid, "object": kind, "created": created, "model": state.model_id, "choices": choices, **extra}
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
-    def piece(text: str, finish: str | None = None) -> bytes:
-        c: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+    def piece(i: int, text: str, lps: list, finish: str | None = None, delta: dict | None = None) -> bytes:
+        c: dict[str, Any] = {"index": i, "logprobs": None, "finish_reason": finish}
         if chat:
-            c["delta"] = {"content": text} if text or finish is None else {}
+            c["delta"] = delta if delta is not None else ({"content": text} if text or finish is None else {})
+            if job.logprobs is not None and lps:
+                c["logprobs"] = _chat_logprobs(lps)
         else:
             c["text"] = text
+            if job.logprobs is not None and lps:
+                c["logprobs"] = _text_logprobs(lps, offset[0])
+            offset[0] += len(text)
         return event([c])
 
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    cancel = threading.Event()
-
-    def produce(model: Model) -> TextStream:
-        ts = model.generate(ids, max_tokens=max_tokens, sampling=sampling, stop=stop, cancel=cancel)
-        for text in ts:
-            loop.call_soon_threadsafe(queue.put_nowait, text)
-            if cancel.is_set():
-                break
-        return ts
-
-    model = await state.slots.acquire()  # a client gone while waiting here never gets a slot
-    fut = _in_thread(loop, lambda: produce(model), lambda: state.slots.release(model))
-    fut.add_done_callback(lambda f: queue.put_nowait(None))
-    try:
+    results = []
+    for i in range(n):
+        offset = [0]
         if chat:
-            yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+            yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
-        while True:
-            text = await queue.get()
-            if text is None:
-                break
-            yield piece(text)
-        while not queue.empty():  # pieces queued after the sentinel cannot happen, but be exact
-            text = queue.get_nowait()
-            if text is not None:
-                yield piece(text)
+        buffered: list[str] = []  # with tools the answer is held back until it is known to be a call or not
+        ts: TextStream | None = None
         try:
-            ts: TextStream = fut.result()
+            async for item in stream_pieces(state, job.nth(i)):
+                if isinstance(item, TextStream):
+                    ts = item
+                elif tools:
+                    buffered.append(item[0])
+                else:
+                    yield piece(i, item[0], item[1])
         except Exception as exc:  # noqa: BLE001 — the status line is gone: report it in the stream
             err = APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error")
             yield f"data: {json.dumps(err.body())}\n\n".encode()
             return
-        yield piece("", ts.stats.finish_reason)
-        if include_usage:
-            yield event([], usage=_usage(ts))
-        yield b"data: [DONE]\n\n"
-    finally:
-        cancel.set()
+        assert ts is not None
+        results.append(ts)
+        finish = ts.stats.finish_reason
+        if tools:
+            content, calls = parse_tool_calls(ts.text, tools)
+            if calls:
+                if content:
+                    yield piece(i, content, [])
+                yield piece(i, "", [], None, {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]})
+                finish = "tool_calls"
+            elif ts.text:
+                yield piece(i, ts.text, ts.token_logprobs)
+        yield piece(i, "", [], finish)
+    if include_usage:
+        yield event([], usage=_usage(results))
+    yield b"data: [DONE]\n\n"
 
 
-class _EventStream(StreamingResponse):
-    """An SSE response that notices a client going away even while no token is being sent (and
-    then cancels the generation); starlette alone only notices on the next write."""
-
-    def __init__(self, events: AsyncIterator[bytes]):
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.events = events
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-                async def stream() -> None:
-                    try:
-                        await self.stream_response(send)
-                    except OSError:  # the client went away during a write
-                        pass
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stream)
-                await self.listen_for_disconnect(receive)
-                tg.cancel_scope.cancel()
-        finally:
-            await self.events.aclose()  # type: ignore[attr-defined]
 
 
 # -- running it ------------------------------------------------------------------------------------
@@ -539,12 +554,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(state: ServerState, sock: socket.socket, *, log_level: str = "warning",
-          announce: Callable[[str], None] | None = None) -> None:
+def serve(state: ServerState | None, sock: socket.socket, *, log_level: str = "warning",
+          announce: Callable[[str], None] | None = None, pool: Any = None,
+          report_dirs: list[Path] | None = None) -> None:
     """Serve until SIGINT/SIGTERM."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(state), log_level=log_level, access_log=log_level in ("info", "debug"),
+    config = uvicorn.Config(create_app(state, pool, report_dirs), log_level=log_level, access_log=log_level in ("info", "debug"),
                             timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]

@@ -15,11 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..runtime.llama import ContextLengthError, Model, Sampling, TextStream
+from ..runtime.llama import ContextLengthError, LoadOptions, Model, Sampling, TextStream
 
 
-def load(path: str | Path, *, ctx: int = 4096, threads: int | None = None) -> Model:
-    return Model(path, n_ctx=ctx, threads=threads, n_batch=min(512, ctx))
+def load(path: str | Path, *, ctx: int = 4096, threads: int | None = None, batch: int = 512,
+         options: LoadOptions | None = None) -> Model:
+    """``path`` loaded for generation; ``options``: GPU layers, mmap/mlock, flash attention, KV types."""
+    return Model(path, **(options or LoadOptions()).model_kwargs(n_ctx=ctx, threads=threads, n_batch=min(batch, ctx)))
 
 
 def run_prompt(

@@ -1,0 +1,185 @@
+"""The imatrix pipeline: model + calibration text -> llama.cpp's importance-matrix file.
+
+``make_imatrix`` is what ``llmquant imatrix`` (and ``--imatrix auto``) runs: merge earlier files
+(``--in-file``), collect over the text through llama.cpp's forward pass (calib.stats with the
+runtime's MatmulTap), write GGUF or legacy ``.dat`` atomically. ``auto_imatrix`` keeps one
+imatrix per model in an output folder and reuses it while it is current.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .calib.stats import (
+    ImatrixStats,
+    Progress,
+    collect_imatrix,
+    default_calibration_path,
+    read_text,
+)
+from .errors import CalibrationError, DestinationError
+from .gguf.imatrix import load_imatrix_raw, save_imatrix
+
+DEFAULT_OUTPUT = "imatrix.gguf"
+
+
+@dataclass
+class ImatrixResult:
+    path: Path
+    output_format: str
+    entries: int
+    chunks: int  # chunks collected in this run
+    chunk_count: int  # imatrix.chunk_count written (merged files included)
+    chunk_size: int
+    tokens: int
+    seconds: float
+    datasets: list[str]
+    skew: list[dict[str, Any]] = field(default_factory=list)
+    reused: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["path"] = str(self.path)
+        return d
+
+
+def output_format_for(path: str | Path, output_format: str | None) -> str:
+    """``--output-format`` if given, else legacy for a ``.dat`` name and GGUF otherwise."""
+    if output_format is not None:
+        if output_format not in ("gguf", "dat"):
+            raise CalibrationError(f"--output-format {output_format!r}: expected gguf or dat")
+        return output_format
+    return "dat" if str(path).lower().endswith(".dat") else "gguf"
+
+
+def merge_files(stats: ImatrixStats, in_files: Sequence[str | Path]) -> None:
+    """IMatrixCollector::load_imatrix for each file: raw GGUF sums and counts added; legacy sums
+    (mean * ncall) times the chunk size, its ncall times the chunk size as the count."""
+    import numpy as np
+
+    from .gguf.imatrix import _lround
+
+    for f in in_files:
+        raw = load_imatrix_raw(f)
+        for name, (sums, counts) in raw.entries.items():
+            if raw.is_legacy:
+                e = stats.entries.get(name)
+                n_counts = 1 if e is None else e.counts.size
+                merged_counts = np.full(n_counts, int(counts[0]) * stats.chunk_size, dtype=np.int64)
+                stats.merge(name, sums.astype(np.float64) * stats.chunk_size, merged_counts)
+            else:
+                rounded, _ = _lround(counts)
+                stats.merge(name, sums, rounded.astype(np.int64))
+        stats.datasets.extend(raw.datasets)
+
+
+def make_imatrix(
+    model: str | Path,
+    text: str | Path | None = None,
+    out: str | Path = DEFAULT_OUTPUT,
+    *,
+    n_ctx: int = 512,
+    chunks: int | None = None,
+    process_output: bool = False,
+    in_files: Sequence[str | Path] = (),
+    output_format: str | None = None,
+    threads: int | None = None,
+    n_batch: int = 2048,
+    parse_special: bool = False,
+    progress: Callable[[Progress], None] | None = None,
+) -> ImatrixResult:
+    """Collect llama-imatrix's importance matrix of ``model`` over ``text`` (a file or a folder of
+    text files; the shipped calibration text when None and no ``in_files``) and write it to ``out``.
+    With ``in_files`` and no text the files are only combined, as llama-imatrix does."""
+    import time
+
+    from .runtime.llama import MatmulTap
+
+    out = Path(out)
+    fmt = output_format_for(out, output_format)
+    if out.is_dir():
+        raise DestinationError(out, "is a folder; give a file name such as imatrix.gguf")
+    if not out.parent.is_dir():
+        raise DestinationError(out, f"folder {out.parent} does not exist")
+    if n_ctx <= 0:
+        raise CalibrationError(f"--ctx must be positive, got {n_ctx}")
+    stats = ImatrixStats(chunk_size=n_ctx, process_output=process_output)
+    merge_files(stats, in_files)
+    t0 = time.perf_counter()
+    n_chunks = tokens = 0
+    if text is not None or not in_files:
+        text_path = Path(text) if text is not None else default_calibration_path()
+        body = read_text(text_path)
+        with MatmulTap(model, select=stats.wants, sink=stats.add, n_ctx=n_ctx, n_batch=n_batch,
+                       threads=threads) as tap:
+            before = stats.chunk_count
+            collect_imatrix(tap, body, n_ctx=n_ctx, chunks=chunks, process_output=process_output,
+                            dataset=str(text if text is not None else text_path), stats=stats,
+                            parse_special=parse_special, progress=progress)
+            n_chunks = stats.chunk_count - before
+            tokens = n_chunks * n_ctx
+    if not stats.entries:
+        raise CalibrationError("nothing to write: no entries collected or merged")
+    entries = {name: (e.sums, e.counts) for name, e in stats.entries.items()}
+    save_imatrix(out, entries, datasets=stats.datasets, chunk_count=stats.chunk_count,
+                 chunk_size=n_ctx, output_format=fmt)
+    return ImatrixResult(out, fmt, len(entries), n_chunks, stats.chunk_count, n_ctx, tokens,
+                         time.perf_counter() - t0, list(stats.datasets), stats.skew())
+
+
+# -- --imatrix auto ------------------------------------------------------------------------------------
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def auto_imatrix_path(model: str | Path, folder: str | Path) -> Path:
+    return Path(folder) / f"{Path(model).stem}.imatrix.gguf"
+
+
+def auto_imatrix(
+    model: str | Path,
+    folder: str | Path,
+    *,
+    text: str | Path | None = None,
+    n_ctx: int = 512,
+    chunks: int | None = None,
+    threads: int | None = None,
+    progress: Callable[[Progress], None] | None = None,
+) -> ImatrixResult:
+    """``--imatrix auto``: ``<folder>/<model>.imatrix.gguf`` collected on the shipped calibration
+    text (or ``text``), reused while the model, the text and the settings are those it was made
+    from (recorded beside it in ``<file>.json``)."""
+    model = Path(model)
+    out = auto_imatrix_path(model, folder)
+    sidecar = out.with_name(out.name + ".json")
+    text_path = Path(text) if text is not None else default_calibration_path()
+    want = {
+        "model": _fingerprint(model),
+        "text_sha256": hashlib.sha256(read_text(text_path).encode("utf-8")).hexdigest(),
+        "n_ctx": n_ctx, "chunks": chunks,
+    }
+    if out.is_file() and sidecar.is_file():
+        try:
+            have = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            have = {}
+        if have.get("inputs") == want and have.get("imatrix") == _fingerprint(out):
+            r = have["result"]
+            return ImatrixResult(out, "gguf", r["entries"], 0, r["chunk_count"], n_ctx, 0, 0.0,
+                                 r["datasets"], r.get("skew", []), reused=True)
+    result = make_imatrix(model, text_path, out, n_ctx=n_ctx, chunks=chunks, threads=threads,
+                          output_format="gguf", progress=progress)
+    record = {"inputs": want, "imatrix": _fingerprint(out),
+              "result": {k: v for k, v in result.to_dict().items() if k in ("entries", "chunk_count", "datasets", "skew")}}
+    tmp = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, sidecar)
+    return result
