@@ -180,3 +180,22 @@ def test_step_lines_for_logs():
     assert out[1] == "[0:10, ETA 0:30]  25% evaluate Q8_0: chunk 1/40"
     assert out[2].startswith("[0:13, ETA 0:13]  50% speed Q8_0")
     assert len(out) == 4 and out[3].startswith("[1:40")
+
+
+def test_plain_table_with_imatrix_rungs_fits_80_columns():
+    from llmquant.measure.ladder import LadderResult, RungResult
+
+    def rung(name, kld):
+        return RungResult(name=name, path=f"/x/{name}.gguf", reused=False, file_bytes=4000 * 2**20,
+                          bits_per_weight=4.5, quantize_seconds=1.0, types={}, fallback_share=0.0, fallbacks={},
+                          eval={"ppl": 12.3456, "ppl_err": 0.4567, "ppl_ratio": 1.0123, "kld_mean": kld,
+                                "kld_p99": 0.1234, "top1": 95.12})
+
+    result = LadderResult(model="m.gguf", model_name="m", source_type="F16", source_was_quantized=False, base="m.gguf",
+                          base_type="F16", ctx=512, chunks=10, text="t", threads=2,
+                          rungs=[rung("Q4_K_M", 0.02), rung("Q4_K_M+imat", 0.015)], inversions=[],
+                          recommendation=None, reasons=[], machine={}, fit_ctx=8192, notes=[], seconds=1.0,
+                          out_dir=".")
+    text = plain_table(result, width=80)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "KLD gain" in text.splitlines()[0] and "+25.0%" in text
