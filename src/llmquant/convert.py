@@ -149,6 +149,7 @@ def convert_model(
     force: bool = False,
     allow_pickle: bool = False,
     progress: ProgressFn | None = None,
+    split_max_size: int = 0,
 ) -> ConvertResult:
     """Convert the Hugging Face folder ``hf_dir`` to a GGUF at ``dst_path`` (written atomically).
 
@@ -172,18 +173,23 @@ def convert_model(
                 _write(src, mid, ftype, plans, force=False, progress=progress)
                 from .quantize import quantize_model
 
-                q = quantize_model(mid, dst, quantize, threads=threads, force=force)
+                q = quantize_model(mid, dst, quantize, threads=threads, force=force, split_max_size=split_max_size)
+                dst = Path(q.destination)
                 notes += q.notes
                 quantized_types = q.type_counts()
             finally:
                 mid.unlink(missing_ok=True)
         else:
-            _write(src, dst, ftype, plans, force=force, progress=progress)
+            dst = _write(src, dst, ftype, plans, force=force, progress=progress, split_max_size=split_max_size)
         from .gguf.recipes import ftype_name
+        from .gguf.split import split_index, split_path
+
+        parsed = split_index(dst)
+        parts = [split_path(parsed[0], i, parsed[2]) for i in range(parsed[2])] if parsed and parsed[1] == 0 else [dst]
 
         return ConvertResult(
             source=str(src.folder), destination=str(dst), architecture=src.arch, hf_architecture=src.hf_arch,
-            outtype=ftype.name.partition("_")[2], plans=plans, n_params=src.n_params, file_bytes=dst.stat().st_size,
+            outtype=ftype.name.partition("_")[2], plans=plans, n_params=src.n_params, file_bytes=sum(p.stat().st_size for p in parts),
             seconds=time.perf_counter() - t0, tokenizer=src.vocab.model, pre_tokenizer=src.vocab.pre,
             vocab_size=len(src.vocab), quantized_to=ftype_name(quantize) if quantize is not None else None, notes=notes,
             quantized_types=quantized_types,
@@ -191,8 +197,9 @@ def convert_model(
 
 
 def _write(src: HFSource, dst: Path, ftype: LlamaFileType, plans: list[TensorPlan], *, force: bool,
-           progress: ProgressFn | None) -> None:
-    with AtomicGGUFWriter(dst, src.arch, force=force) as writer:
+           progress: ProgressFn | None, split_max_size: int = 0) -> Path:
+    """Write the GGUF (or its split parts); returns the file llama.cpp loads (the first part)."""
+    with AtomicGGUFWriter(dst, src.arch, force=force, split_max_size=split_max_size) as writer:
         for f in src.fields(ftype):
             writer.add_field(f)
         for p in plans:
@@ -205,6 +212,7 @@ def _write(src: HFSource, dst: Path, ftype: LlamaFileType, plans: list[TensorPla
         if progress:
             progress(len(plans), len(plans), "done")
         writer.commit()
+        return writer.destinations[0]
 
 
 def _encode(t: HFTensor, plan: TensorPlan) -> np.ndarray:

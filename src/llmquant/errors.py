@@ -99,6 +99,30 @@ class UnsafeFormatError(LlmquantError):
         super().__init__(f"{path}: {problem}")
 
 
+class LogitsFileError(LlmquantError):
+    """A base-logits file (llama-perplexity's --kl-divergence-base format) is missing, truncated or
+    does not match the model or the evaluation asked for."""
+
+    def __init__(self, path: object, problem: str):
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class DiskSpaceError(LlmquantError):
+    """Not enough free disk space for a file about to be written (nothing was written)."""
+
+    def __init__(self, path: object, need: int, free: int, what: str = "file"):
+        self.path, self.need, self.free = path, need, free
+        super().__init__(
+            f"{path}: not enough free disk space for the {what}: it needs {need / 2**30:.2f} GiB, "
+            f"{free / 2**30:.2f} GiB are free there; free space or choose another --out")
+
+
+class LadderError(LlmquantError):
+    """The ladder cannot run as asked (bad --keep, ...)."""
+
+
 class OptionError(LlmquantError):
     """A command-line option with a value it cannot take, or two spellings of one option (ours and
     llama.cpp's, or a positional argument and its option) given different values."""

@@ -121,8 +121,12 @@ def quantize_model(
     force: bool = False,
     dry_run: bool = False,
     progress: ProgressFn | None = None,
+    split_max_size: int = 0,
 ) -> QuantizeResult:
     """Quantize the GGUF at ``src_path`` to ``ftype`` and write ``dst_path`` atomically.
+
+    ``split_max_size`` (bytes, > 0): llama.cpp's split files ``DST-00001-of-0000N.gguf`` with at
+    most that many tensor bytes each (gguf-split --split-max-size); ``destination`` is the first.
 
     The embedded default model is Q4_1 already; it is always requantized from its F32 rendering
     (allow_requantize is implied for it and the result says so).
@@ -160,14 +164,16 @@ def quantize_model(
                     f"{len(need)} tensors would need an importance matrix (e.g. {need[0].name} as {need[0].type.name}): "
                     "without --imatrix this quantization is refused, as llama.cpp refuses it"
                 )
-            with _prepare_writer(src, Path("dry-run.gguf"), ftype, plans, importance, force=True, options=options, metadata=metadata) as writer:
+            with _prepare_writer(src, Path("dry-run.gguf"), ftype, plans, importance, force=True, options=options,
+                                 metadata=metadata, split_max_size=split_max_size) as writer:
                 result.file_bytes = writer.planned_file_size()
             result.seconds = time.perf_counter() - t0
             return result
         if dst_path is None:
             raise ValueError("dst_path is required unless dry_run")
         dst = check_destination(dst_path, force=force, src=src.path)
-        with _prepare_writer(src, dst, ftype, plans, importance, force=force, options=options, metadata=metadata) as writer:
+        with _prepare_writer(src, dst, ftype, plans, importance, force=force, options=options, metadata=metadata,
+                             split_max_size=split_max_size) as writer:
             writer.start()
             for i, (p, data) in enumerate(zip(plans, _quantized_tensors(src, plans, weights, threads))):
                 if progress:
@@ -176,15 +182,27 @@ def quantize_model(
             if progress:
                 progress(len(plans), len(plans), plans[-1])
             writer.commit()
-        result.file_bytes = dst.stat().st_size
+            parts = writer.destinations
+        result.destination = str(parts[0])
+        result.file_bytes = sum(p.stat().st_size for p in parts)
     result.seconds = time.perf_counter() - t0
     return result
 
 
 def source_fingerprint(path: str | Path) -> str:
     """A cheap content fingerprint of a model file: size plus SHA-256 of its first and last 8 MiB
-    (the header, the vocabulary and the tail of the tensor data)."""
+    (the header, the vocabulary and the tail of the tensor data); of every part of a split model."""
     path = Path(path)
+    from .gguf.split import split_index, split_path
+
+    parsed = split_index(path)
+    if parsed is not None and parsed[1] == 0 and parsed[2] > 1:
+        return hashlib.sha256("".join(_file_fingerprint(split_path(parsed[0], i, parsed[2]))
+                                      for i in range(parsed[2])).encode()).hexdigest()[:32]
+    return _file_fingerprint(path)
+
+
+def _file_fingerprint(path: Path) -> str:
     size = path.stat().st_size
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
@@ -232,10 +250,10 @@ def output_is_current(
 def _prepare_writer(
     src: GGUFSource, dst: Path, ftype: LlamaFileType, plans: list[TensorPlan],
     importance: Mapping[str, np.ndarray] | None, *, force: bool, options: RecipeOptions,
-    metadata: Mapping[str, tuple[Any, GGUFValueType]] | None = None,
+    metadata: Mapping[str, tuple[Any, GGUFValueType]] | None = None, split_max_size: int = 0,
 ) -> AtomicGGUFWriter:
     """A writer holding the output's metadata and tensor table (nothing written yet)."""
-    writer = AtomicGGUFWriter(dst, src.arch, force=force, alignment=src.header.alignment)
+    writer = AtomicGGUFWriter(dst, src.arch, force=force, alignment=src.header.alignment, split_max_size=split_max_size)
     for f in src.fields.values():
         writer.add_field(f)
     writer.set("general.file_type", int(ftype), GGUFValueType.UINT32)

@@ -10,3 +10,24 @@ def default_threads(threads: int | None = None) -> int:
     if threads:
         return threads
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def free_disk_bytes(folder) -> int:
+    """Bytes free for this user on the file system holding ``folder`` (its nearest existing parent)."""
+    import shutil
+    from pathlib import Path
+
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_disk_space(folder, need: int, what: str = "file", margin: int = 64 << 20) -> None:
+    """Refuse (DiskSpaceError, before anything is written) when ``need`` bytes plus a small margin
+    would not fit in ``folder``."""
+    from .errors import DiskSpaceError
+
+    free = free_disk_bytes(folder)
+    if need + margin > free:
+        raise DiskSpaceError(folder, need, free, what)

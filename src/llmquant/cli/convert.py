@@ -10,6 +10,7 @@ from rich.table import Table
 from ..system import default_threads
 from .options import (
     JsonOpt,
+    SplitOpt,
     ThreadsOpt,
     _human_bytes,
     _human_count,
@@ -17,6 +18,7 @@ from .options import (
     _TensorProgress,
     app,
     out,
+    split_bytes,
     pick,
 )
 
@@ -32,6 +34,7 @@ def convert(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read PyTorch .bin pickles (can run code; needs torch).")] = False,
     threads: ThreadsOpt = 0,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite DST if it exists.")] = False,
+    split_max_size: SplitOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Convert a Hugging Face safetensors folder to GGUF, as llama.cpp's convert_hf_to_gguf.py does."""
@@ -41,7 +44,8 @@ def convert(
     dst = pick(("DST", dst), ("--outfile", outfile))
     ftype = parse_outtype(outtype)
     target = parse_ftype(quantize_to) if quantize_to else None
-    kwargs = dict(quantize=target, threads=default_threads(threads), force=force, allow_pickle=allow_pickle)
+    kwargs = dict(quantize=target, threads=default_threads(threads), force=force, allow_pickle=allow_pickle,
+                  split_max_size=split_bytes(split_max_size))
     if as_json:
         result = convert_model(hf_dir, dst, ftype, **kwargs)
         _print_json(result.to_dict())

@@ -15,6 +15,7 @@ from .options import (
     CacheTypeVOpt,
     FlashAttnOpt,
     JsonOpt,
+    StepLines,
     MlockOpt,
     ModelArg,
     ModelOpt,
@@ -45,6 +46,7 @@ def ladder(
     machine: Annotated[str, typer.Option("--machine", help="Machine to fit on (see llmquant fit --machine list).")] = "this",
     threads: ThreadsOpt = 0,
     name: Annotated[Optional[str], typer.Option("--name", help="Also store every rung as NAME[:TAG]-RUNG (e.g. smollm2:135m -> smollm2:135m-q4_k_m).", show_default=False)] = None,
+    keep: Annotated[Optional[str], typer.Option("--keep", help="Rung files to keep: all, best (the recommended one) or none; default: all below 3B parameters, best above.", show_default=False)] = None,
     model_opt: ModelOpt = None,
     ngl: NglOpt = "0",
     mlock: MlockOpt = False,
@@ -54,7 +56,7 @@ def ladder(
 ) -> None:
     """The main job: quantize to every rung, measure quality loss, size and speed, and recommend one."""
     from ..measure.ladder import run_ladder
-    from ..measure.report import footer_lines, header_lines, table, write_all
+    from ..measure.report import footer_lines, header_lines, plain_table, table, write_all
 
     from ..store import resolve_model
 
@@ -68,28 +70,35 @@ def ladder(
             parse_name(rung_name(name, r))  # a bad name fails before any work
             if imatrix:
                 parse_name(rung_name(name, f"{r}-imat"))
+    log_lines = not err.is_terminal
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
-                  transient=True, disable=as_json) as bar:
+                  transient=True, disable=as_json or log_lines) as bar:
         task = bar.add_task("ladder", total=1.0)
+        lines = StepLines(err.file) if log_lines and not as_json else None
 
         def step(desc: str, frac: float | None) -> None:
+            if lines is not None:
+                lines(desc, frac)
             bar.update(task, description=desc, completed=frac if frac is not None else 0)
 
         result = run_ladder(model, rungs=names, out_dir=out_dir, text=text, ctx=ctx, chunks=chunks,
                             threads=threads or None, speed=not no_speed, fit_ctx=fit_ctx, machine=machine,
-                            step=step, options=options, imatrix=imatrix)
+                            step=step, keep=keep, options=options, imatrix=imatrix)
     paths = write_all(result, out_dir)
     stored = []
     if name:
         from ..store import register, rung_name
 
-        stored = [register(r.path, rung_name(name, r.name.replace("+", "-"))).name for r in result.rungs]
+        stored = [register(r.path, rung_name(name, r.name.replace("+", "-"))).name for r in result.rungs if r.kept]
     if as_json:
         _print_json({**result.to_dict(), "outputs": paths, **({"stored_as": stored} if stored else {})})
         return
     for line in header_lines(result):
         out.print(line, highlight=False)
-    out.print(table(result))
+    if out.is_terminal and out.width >= 120:
+        out.print(table(result))
+    else:  # a log or a narrow terminal: plain columns that fit its width
+        out.print(plain_table(result, width=out.width if out.is_terminal else 80), highlight=False, markup=False)
     for line in footer_lines(result):
         out.print(line, highlight=False)
     if result.offload:
@@ -107,6 +116,7 @@ def eval_(
     text: Annotated[Optional[str], typer.Option("--text", "-f", "--file", help="Text file, or folder of .txt/.md files; default: the built-in text.")] = None,
     ctx: Annotated[int, typer.Option(*CTX_NAMES, help="Tokens per chunk; the second half of each chunk is scored.")] = 512,
     chunks: Annotated[Optional[int], typer.Option("--chunks", min=1, help="Evaluate at most N chunks (default: all).")] = None,
+    base_logits: Annotated[Optional[Path], typer.Option("--base-logits", help="Base log-probabilities in llama-perplexity's --kl-divergence-base format: read when the file exists (its tokens and context are used), else computed from --base and written.")] = None,
     threads: ThreadsOpt = 0,
     model_opt: ModelOpt = None,
     ngl: NglOpt = "0",
@@ -121,11 +131,20 @@ def eval_(
     from ..measure.eval import evaluate
     from ..store import resolve_model
 
-    path = resolve_model(pick(("MODEL", model), ("--model", model_opt)))
-    base_path = resolve_model(base) if base is not None else None
+    path = _as_gguf(resolve_model(pick(("MODEL", model), ("--model", model_opt))), threads)
+    base_path = _as_gguf(resolve_model(base), threads) if base is not None else None
     options = load_options(path, ngl, ctx=ctx, batch=ctx, mlock=mlock, no_mmap=no_mmap, flash_attn=flash_attn,
                            cache_type_k=cache_type_k, cache_type_v=cache_type_v)
-    opts = dict(text=text, ctx=ctx, chunks=chunks, threads=threads or None, options=options)
+    opts = dict(text=text, ctx=ctx, chunks=chunks, threads=threads or None, options=options, base_logits=base_logits)
+    if base_logits is not None and not base_logits.exists() and base_path is not None:
+        from ..system import check_disk_space
+
+        def before_write(nbytes: int) -> None:
+            err.print(f"writing the base logits: {nbytes / 2**20:,.1f} MiB to {base_logits} "
+                      "(llama-perplexity's --kl-divergence-base format)", highlight=False)
+            check_disk_space(base_logits.parent, nbytes, f"base logits {base_logits.name}")
+
+        opts["before_write"] = before_write
     if as_json:
         result = evaluate(path, base_path, **opts)
     else:
@@ -134,7 +153,8 @@ def eval_(
     if as_json:
         _print_json(result.to_dict())
         return
-    t = Table(title=f"{path.name}" + (f" vs {base_path.name}" if base_path else ""))
+    against = base_path.name if base_path else base_logits.name if base_logits else None
+    t = Table(title=f"{path.name}" + (f" vs {against}" if against else ""))
     t.add_column("statistic")
     t.add_column("value", justify="right")
     t.add_row("PPL(Q)", f"{result.ppl:.4f} ± {result.ppl_err:.4f}")
@@ -156,3 +176,19 @@ def eval_(
     )
     for note in result.notes:
         out.print(f"[dim]note: {note}[/dim]")
+
+
+def _as_gguf(path: Path, threads: int) -> Path:
+    """A Hugging Face folder is converted once (at its stored precision) into
+    $LLMQUANT_HOME/converted/NAME/ and reused while the folder is unchanged."""
+    if not path.is_dir():
+        return path
+    from ..measure.ladder import as_gguf
+    from ..measure.resume import LadderState
+    from ..store import home
+    from ..system import default_threads
+
+    out = home() / "converted" / path.resolve().name
+    out.mkdir(parents=True, exist_ok=True)
+    return as_gguf(path, out, default_threads(threads or None), LadderState(out),
+                   step=lambda desc, frac: err.print(f"[dim]{desc} (once, into {out})[/dim]", highlight=False))

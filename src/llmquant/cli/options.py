@@ -100,6 +100,9 @@ err = Console(stderr=True)
 # -- shared options (defined once) ------------------------------------------------------------------
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", "-t", min=0, help="Worker threads (0: one per core).")]
+SplitOpt = Annotated[Optional[str], typer.Option(
+    "--split-max-size", help="Write llama.cpp's split files (NAME-00001-of-0000N.gguf) of at most SIZE each, e.g. 50G or 500M (as gguf-split).",
+    show_default=False)]
 ModelArg = Annotated[
     Optional[str], typer.Argument(help="A GGUF file or a stored model's NAME[:TAG]; default: the embedded SmolLM2-135M-Instruct.", show_default=False)
 ]
@@ -254,3 +257,46 @@ class _TensorProgress:
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+class StepLines:
+    """Progress a log can read: one line per step, with the elapsed time and, from the overall
+    fraction done, an ETA. Repeated updates of one step (e.g. "evaluate Q4_K_M: chunk 3/40") print
+    a line when the step starts and then at most once a minute."""
+
+    def __init__(self, stream, every: float = 60.0):
+        import time
+
+        self.stream, self.every, self.clock = stream, every, time.monotonic
+        self.t0 = self.clock()
+        self.last_head, self.last_time = None, -1e9
+
+    def __call__(self, desc: str, frac: float | None) -> None:
+        now = self.clock()
+        head = desc.split(":")[0]
+        if head == self.last_head and now - self.last_time < self.every:
+            return
+        self.last_head, self.last_time = head, now
+        elapsed = now - self.t0
+        eta = f", ETA {_clock(elapsed * (1 - frac) / frac)}" if frac and 0 < frac < 1 and elapsed > 1 else ""
+        pct = f"{100 * frac:3.0f}% " if frac is not None else ""
+        self.stream.write(f"[{_clock(elapsed)}{eta}] {pct}{desc}\n")
+        self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def split_bytes(size: str | None) -> int:
+    """--split-max-size SIZE in bytes (0: one file); a bad size is a one-line error."""
+    if not size:
+        return 0
+    from ..errors import LlmquantError
+    from ..gguf.split import parse_size
+
+    try:
+        return parse_size(size)
+    except ValueError as exc:
+        raise LlmquantError(f"--split-max-size: {exc}") from None

@@ -11,6 +11,7 @@ from ..errors import LlmquantError, OptionError
 from ..system import default_threads
 from .options import (
     JsonOpt,
+    SplitOpt,
     ModelArg,
     ThreadsOpt,
     _human_bytes,
@@ -19,6 +20,7 @@ from .options import (
     _TensorProgress,
     app,
     out,
+    split_bytes,
     pick,
 )
 
@@ -93,6 +95,7 @@ def quantize(
     threads: ThreadsOpt = 0,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite DST if it exists.")] = False,
     name: Annotated[Optional[str], typer.Option("--name", help="Also add DST to the model store as NAME[:TAG].", show_default=False)] = None,
+    split_max_size: SplitOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize a GGUF tensor by tensor with llama.cpp's rules; output bytes identical to llama-quantize."""
@@ -151,6 +154,7 @@ def quantize(
         imatrix = str(made.path)
     imat = load_imatrix(imatrix) if imatrix else None
     weighting = {"importance": imat.entries, "metadata": imat.provenance(imatrix)} if imat else {}
+    weighting["split_max_size"] = split_bytes(split_max_size)
     if dry_run or as_json:
         result = quantize_model(src, dst, ftype, options=options, threads=n_threads, force=force, dry_run=dry_run, **weighting)
     else:

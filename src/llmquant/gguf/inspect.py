@@ -61,7 +61,7 @@ def inspect_model(path: str | Path) -> ModelInfo:
             architecture=src.arch,
             name=src.get("general.name"),
             file_type=ftype.name.removeprefix("MOSTLY_") if ftype is not None else None,
-            file_bytes=src.path.stat().st_size,
+            file_bytes=src.file_bytes,
             tensor_bytes=src.tensor_bytes,
             n_params=src.n_params,
             n_tensors=len(src.tensors),

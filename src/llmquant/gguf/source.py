@@ -18,6 +18,7 @@ from gguf import quants as gguf_quants
 from ..errors import ModelFileError
 from ..formats import get_format, registered_types
 from .header import GGUFHeader, MetadataField, parse_gguf
+from .split import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS, other_parts
 
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
@@ -45,11 +46,28 @@ class GGUFSource:
         self.path = Path(path)
         self.header: GGUFHeader = parse_gguf(self.path)
         self.fields: dict[str, MetadataField] = self.header.fields
-        self._entries = {t.name: t for t in self.header.tensors}
-        self.tensors: list[TensorInfo] = [
-            TensorInfo(t.name, t.shape, t.type, t.n_bytes) for t in self.header.tensors
-        ]
-        self._map: np.memmap | None = None
+        # a split model (gguf-split's NAME-00001-of-0000N.gguf): the first part holds the metadata,
+        # every part a run of the tensors; each part's header is parsed and checked the same way
+        self.parts: list[Path] = [self.path]
+        entries = [(0, t) for t in self.header.tensors]
+        n_split = self.get(SPLIT_COUNT, 0)
+        if isinstance(n_split, int) and n_split > 1:
+            for i, part in enumerate(other_parts(self.path, n_split, int(self.get(SPLIT_NO, 0))), start=1):
+                h = parse_gguf(part)
+                no = h.fields.get(SPLIT_NO)
+                if no is None or no.value != i:
+                    raise ModelFileError(part, f"{SPLIT_NO} is {None if no is None else no.value}, expected {i}")
+                self.parts.append(part)
+                entries += [(i, t) for t in h.tensors]
+            total = self.get(SPLIT_TENSORS)
+            if total is not None and total != len(entries):
+                raise ModelFileError(self.path, f"{SPLIT_TENSORS} is {total}, the {n_split} parts hold {len(entries)} tensors")
+        self._entries = {t.name: t for _, t in entries}
+        self._part_of = {t.name: i for i, t in entries}
+        if len(self._entries) != len(entries):
+            raise ModelFileError(self.path, "a tensor name appears in more than one part")
+        self.tensors: list[TensorInfo] = [TensorInfo(t.name, t.shape, t.type, t.n_bytes) for _, t in entries]
+        self._maps: dict[int, np.memmap] = {}
         arch = self.get("general.architecture")
         if not isinstance(arch, str):
             raise ModelFileError(self.path, "metadata general.architecture is missing")
@@ -73,6 +91,11 @@ class GGUFSource:
             return None
 
     @property
+    def file_bytes(self) -> int:
+        """Bytes on disk, every part of a split model included."""
+        return sum(p.stat().st_size for p in self.parts)
+
+    @property
     def n_params(self) -> int:
         return sum(t.n_elements for t in self.tensors)
 
@@ -93,9 +116,10 @@ class GGUFSource:
     def raw(self, name: str) -> np.ndarray:
         """The stored bytes of one tensor (uint8, flat, memory-mapped: do not modify)."""
         t = self._entries[name]
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return self._map[t.offset:t.offset + t.n_bytes]
+        i = self._part_of[name]
+        if i not in self._maps:
+            self._maps[i] = np.memmap(self.parts[i], dtype=np.uint8, mode="r")
+        return self._maps[i][t.offset:t.offset + t.n_bytes]
 
     def read(self, name: str) -> np.ndarray:
         """One tensor as float32, numpy order (rows last): shape ``reversed(info.shape)``."""
@@ -120,8 +144,8 @@ class GGUFSource:
             yield info, self.read(info.name)
 
     def close(self) -> None:
-        # drop the memory map (Windows cannot replace a mapped file)
-        self._map = None
+        # drop the memory maps (Windows cannot replace a mapped file)
+        self._maps = {}
 
     def __enter__(self) -> "GGUFSource":
         return self

@@ -21,6 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFEndian, GGUFValueTy
 
 from ..errors import DestinationError, DiskFullError
 from .header import MetadataField
+from .split import SPLIT_COUNT, SPLIT_KEYS, SPLIT_NO, SPLIT_TENSORS, part_paths
 
 TEMP_PREFIX = ".llmquant-partial-"
 
@@ -138,11 +139,14 @@ class AtomicGGUFWriter:
     """``with AtomicGGUFWriter(dst, arch) as w: w.add_field(...); w.add_tensor_info(...); w.start();
     w.write_tensor(...); w.commit()``; leaving the block without ``commit`` discards everything."""
 
-    def __init__(self, dst: str | Path, arch: str, *, force: bool = False, alignment: int | None = None):
+    def __init__(self, dst: str | Path, arch: str, *, force: bool = False, alignment: int | None = None,
+                 split_max_size: int = 0):
         self.dst = Path(dst)
         self.force = force
         self.tmp = self.dst.parent / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{self.dst.name}"
-        self._gguf = _GGUFWriter(None, arch)
+        # split_max_size > 0: llama.cpp's split files (gguf-py's sharding, as convert_hf_to_gguf.py
+        # --split-max-size and gguf-split write them; split.py has the layout)
+        self._gguf = _GGUFWriter(None, arch, split_max_size=split_max_size)
         if alignment is not None and alignment != self._gguf.data_alignment:
             self._gguf.data_alignment = alignment
             self._gguf.add_custom_alignment(alignment)
@@ -154,8 +158,8 @@ class AtomicGGUFWriter:
 
     # -- metadata ------------------------------------------------------------------------------
     def add_field(self, field: MetadataField) -> None:
-        if field.key in ("general.architecture", "general.alignment"):
-            return  # GGUFWriter writes these itself
+        if field.key in ("general.architecture", "general.alignment") or field.key in SPLIT_KEYS:
+            return  # GGUFWriter writes these itself (the split keys of a split source describe its parts)
         self._gguf.add_key_value(field.key, field.value, field.type, sub_type=field.sub_type)
 
     def set(self, key: str, value, vtype: GGUFValueType, sub_type: GGUFValueType | None = None) -> None:
@@ -171,14 +175,44 @@ class AtomicGGUFWriter:
         self._order.append((name, nbytes))
         return nbytes
 
+    @property
+    def destinations(self) -> list[Path]:
+        """The files ``commit`` produces: ``dst``, or its parts NAME-0000i-of-0000N.gguf."""
+        return part_paths(self.dst, len(self._gguf.tensors))
+
     def planned_file_size(self) -> int:
-        """The exact size the file will have, computed before writing anything (for --dry-run)."""
-        return planned_size(self._gguf, [nbytes for _, nbytes in self._order])
+        """The exact size the file (all parts together) will have, computed before writing
+        anything (for --dry-run and the free-space check)."""
+        return sum(self.planned_part_sizes())
+
+    def planned_part_sizes(self) -> list[int]:
+        g = self._gguf
+        align = g.data_alignment
+        n_parts = len(g.tensors)
+        split_kv = {SPLIT_NO: (0, GGUFValueType.UINT16), SPLIT_COUNT: (n_parts, GGUFValueType.UINT16),
+                    SPLIT_TENSORS: (len(self._order), GGUFValueType.INT32)} if n_parts > 1 else {}
+        sizes = []
+        for i, tensors in enumerate(g.tensors):
+            n = 4 + 4 + 8 + 8  # magic, version, tensor count, metadata count
+            kv = [(k, v.value, v.type, v.sub_type) for k, v in g.kv_data[0].items()] if i == 0 else []
+            kv += [(k, val, t, None) for k, (val, t) in split_kv.items()]
+            for key, value, vtype, sub_type in kv:
+                n += len(g._pack_val(key, GGUFValueType.STRING, add_vtype=False))
+                n += len(g._pack_val(value, vtype, add_vtype=True, sub_type=sub_type))
+            for name, ti in tensors.items():
+                n += len(g._pack_val(name, GGUFValueType.STRING, add_vtype=False)) + 4 + 8 * len(ti.shape) + 4 + 8
+            n = GGUFWriter.ggml_pad(n, align)
+            sizes.append(n + sum(GGUFWriter.ggml_pad(ti.nbytes, align) for ti in tensors.values()))
+        return sizes
+
+    def _tmp_parts(self) -> list[Path]:
+        return self._gguf.format_shard_names(self.tmp)
 
     def start(self) -> None:
         """Check the free space against the exact planned size, then write the header."""
-        if self.dst.exists() and not self.force:
-            raise DestinationError(self.dst, "already exists; pass --force to overwrite it")
+        for dst in self.destinations:
+            if dst.exists() and not self.force:
+                raise DestinationError(dst, "already exists; pass --force to overwrite it")
         self._size = self.planned_file_size()
         check_free_space(self.dst.parent, self._size, what=self.dst.name)
         try:
@@ -217,9 +251,14 @@ class AtomicGGUFWriter:
             self._gguf.close()
         except OSError as exc:
             raise write_failed(self.dst, exc, needed=self._size) from None
-        if self.dst.exists() and not self.force:
-            raise DestinationError(self.dst, "appeared while writing; pass --force to overwrite it")
-        os.replace(self.tmp, self.dst)
+        pairs = list(zip(self._tmp_parts(), self.destinations))
+        for _, dst in pairs:
+            if dst.exists() and not self.force:
+                raise DestinationError(dst, "appeared while writing; pass --force to overwrite it")
+        # the first part last: llama.cpp loads a split model from it, so until it is in place no
+        # incomplete set of parts can be loaded
+        for tmp, dst in pairs[1:] + pairs[:1]:
+            os.replace(tmp, dst)
         self._done = True
         try:  # make the rename itself durable
             fd = os.open(self.dst.parent, os.O_RDONLY)
@@ -242,10 +281,11 @@ class AtomicGGUFWriter:
                     pass
         finally:
             if not self._done:
-                try:
-                    self.tmp.unlink()
-                except FileNotFoundError:
-                    pass
+                for tmp in {self.tmp, *self._tmp_parts()}:
+                    try:
+                        tmp.unlink()
+                    except FileNotFoundError:
+                        pass
 
     def __enter__(self) -> "AtomicGGUFWriter":
         return self

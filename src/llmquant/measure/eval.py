@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EvalError, EvalTextError
+from ..errors import EvalError, EvalTextError, LogitsFileError
 
 MIN_CTX = 16
 DEFAULT_TEXT = Path(__file__).parent.parent / "data" / "eval.txt"
@@ -120,24 +120,11 @@ def llama_log_probs(logits: np.ndarray) -> np.ndarray:
     """Log-probabilities as llama-perplexity stores them for the base (``log_softmax`` with a
     ``uint16_t * log_prob`` argument): per row, uint16 steps of (max - min)/65535 above
     min = max(min logit, max logit - 16), in float32 arithmetic. Returns them dequantized
-    (``scale * q + min_log_prob``), float32 (n, n_vocab)."""
+    (``scale * q + min_log_prob``), float32 (n, n_vocab); logits_file.py holds the encoding."""
+    from .logits_file import decode_rows, encode_rows
+
     z = np.asarray(logits, dtype=np.float32)
-    out = np.empty(z.shape, dtype=np.float32)
-    for r in range(z.shape[0]):
-        row = z[r]
-        max_logit = row.max()
-        min_logit = max(row.min(), np.float32(max_logit - np.float32(16)))
-        sum_exp = np.exp(row - max_logit).sum(dtype=np.float64)
-        log_sum_exp = np.float32(math.log(sum_exp))
-        min_log_prob = np.float32(np.float32(min_logit - max_logit) - log_sum_exp)
-        scale = np.float32(np.float32(max_logit - min_logit) / np.float32(65535))
-        if scale:
-            inv_scale = np.float32(np.float32(1) / scale)
-            q = np.where(row > min_logit, np.rint(inv_scale * (row - min_logit)), np.float32(0))
-        else:
-            q = np.zeros_like(row)
-        out[r] = scale * q.astype(np.float32) + min_log_prob
-    return out
+    return decode_rows(encode_rows(z), z.shape[1])
 
 
 @dataclass(frozen=True)
@@ -156,6 +143,8 @@ class BaseProbs:
     def from_logits(cls, logits: np.ndarray, targets: np.ndarray, *, llama_compat: bool = False,
                     threads: int = 1) -> BaseProbs:
         logits, targets = _check(logits, targets)
+        if llama_compat:
+            return cls.from_log_probs(llama_log_probs(logits), targets, threads=threads)
         n, n_vocab = logits.shape
         probs = np.empty((n, n_vocab))
         sum_p, sum_p_logp, nll = np.empty(n), np.empty(n), np.empty(n)
@@ -163,24 +152,39 @@ class BaseProbs:
 
         def work(lo: int, hi: int) -> None:
             z = logits[lo:hi]
-            rows = np.arange(hi - lo)
             logp = np.empty((hi - lo, n_vocab))
-            if llama_compat:
-                stored = llama_log_probs(z)
-                logp[:] = stored
-                top[lo:hi] = stored.argmax(axis=1)
-                p = probs[lo:hi]
-                np.exp(logp, out=p)
-                p[logp <= -16.0] = 0.0  # kl_divergence() skips p_log_base <= -16
-            else:
-                _, lse = _shifted_lse(z, logp)  # logp = z - max
-                logp -= lse[:, None]
-                top[lo:hi] = z.argmax(axis=1)
-                p = probs[lo:hi]
-                np.exp(logp, out=p)
+            _, lse = _shifted_lse(z, logp)  # logp = z - max
+            logp -= lse[:, None]
+            top[lo:hi] = z.argmax(axis=1)
+            p = probs[lo:hi]
+            np.exp(logp, out=p)
             sum_p[lo:hi] = p.sum(axis=1)
             sum_p_logp[lo:hi] = np.einsum("ij,ij->i", p, logp)
-            nll[lo:hi] = -logp[rows, targets[lo:hi]]
+            nll[lo:hi] = -logp[np.arange(hi - lo), targets[lo:hi]]
+
+        _in_blocks(n, threads, work)
+        return cls(probs, sum_p, sum_p_logp, top, nll)
+
+    @classmethod
+    def from_log_probs(cls, log_probs: np.ndarray, targets: np.ndarray, *, threads: int = 1) -> BaseProbs:
+        """The base as llama-perplexity reads it from its --kl-divergence-base file: float32
+        log-probabilities (decoded 16-bit values); ``kl_divergence()`` skips log p <= -16."""
+        log_probs, targets = _check(log_probs, targets)
+        n, n_vocab = log_probs.shape
+        probs = np.empty((n, n_vocab))
+        sum_p, sum_p_logp, nll = np.empty(n), np.empty(n), np.empty(n)
+        top = np.empty(n, dtype=np.int64)
+
+        def work(lo: int, hi: int) -> None:
+            stored = log_probs[lo:hi]
+            logp = stored.astype(np.float64)
+            top[lo:hi] = stored.argmax(axis=1)
+            p = probs[lo:hi]
+            np.exp(logp, out=p)
+            p[stored <= -16.0] = 0.0
+            sum_p[lo:hi] = p.sum(axis=1)
+            sum_p_logp[lo:hi] = np.einsum("ij,ij->i", p, logp)
+            nll[lo:hi] = -logp[np.arange(hi - lo), targets[lo:hi]]
 
         _in_blocks(n, threads, work)
         return cls(probs, sum_p, sum_p_logp, top, nll)
@@ -474,12 +478,161 @@ def chunk_layout(n_tokens: int, ctx: int, chunks: int | None) -> int:
 def evaluate(model: str | Path, base: str | Path | None = None, text: str | Path | None = None, ctx: int = 512,
              chunks: int | None = None, threads: int | None = None, *,
              progress: Callable[[int, int], None] | None = None, llama_compat: bool = False,
-             options=None) -> EvalResult:
+             base_logits: str | Path | None = None,
+             before_write: Callable[[int], None] | None = None, options=None) -> EvalResult:
     """Perplexity of ``model`` over ``text`` and, with ``base``, the KL-divergence statistics of
     ``model`` against ``base`` (llama-perplexity --kl-divergence). ``options``: a runtime.llama.LoadOptions
-    (GPU layers, mmap/mlock, flash attention, KV types) for every model loaded."""
+    (GPU layers, mmap/mlock, flash attention, KV types) for every model loaded.
+
+    ``base_logits``: a llama-perplexity ``--kl-divergence-base`` file. When it exists it is the
+    base (its tokens replace ``text``, its context ``ctx``; statistics as the tool computes them
+    from 16-bit log-probabilities); when it does not, ``base`` is run once to write it first
+    (``before_write(nbytes)`` is told its exact size before anything is written)."""
+    if base_logits is not None:
+        t0 = time.perf_counter()
+        file = Path(base_logits)
+        if not file.exists():
+            if base is None:
+                raise LogitsFileError(file, "no such file; give a base model to compute it")
+            write_base_logits(base, file, text, ctx, chunks, threads, before_write=before_write, options=options)
+        result = evaluate_against_logits(model, file, chunks=chunks, threads=threads, progress=progress,
+                                         options=options)
+        if base is not None:
+            result.base = str(base)
+            result.base_file_type, result.base_is_quantized = _check_file(Path(base), result.n_ctx)
+            result.notes[:0] = _base_notes(Path(base), result.base_file_type, result.base_is_quantized)
+        result.wall_seconds = time.perf_counter() - t0
+        return result
     return _evaluate([Path(model)], Path(base) if base is not None else None, text, ctx, chunks, threads,
                      progress, llama_compat, options)[0]
+
+
+@dataclass
+class BaseLogitsInfo:
+    """A written base-logits file: where, its dimensions, its exact size and the time it took."""
+
+    path: str
+    base: str
+    n_ctx: int
+    n_vocab: int
+    n_chunks: int
+    file_bytes: int
+    seconds: float
+
+
+def base_logits_layout(base: str | Path, text: str | Path | None = None, ctx: int = 512,
+                       chunks: int | None = None) -> tuple[np.ndarray, int, int]:
+    """(tokens to store, n_vocab, file size) of the base-logits file for ``base`` over ``text``,
+    from the vocabulary alone (no weights loaded): its size can be announced and checked first."""
+    from ..runtime.llama import Model
+
+    check_ctx(ctx)
+    content, _ = load_text(text)
+    _check_file(Path(base), ctx)
+    with Model(base, n_ctx=ctx, vocab_only=True) as vocab:
+        tokens = np.asarray(vocab.tokenize(content, add_bos=True), dtype=np.int32)
+        n_vocab = vocab.n_vocab
+    n_chunk = chunk_layout(len(tokens), ctx, chunks)
+    from .logits_file import file_size
+
+    return tokens[:n_chunk * ctx], n_vocab, file_size(ctx, n_vocab, n_chunk)
+
+
+def write_base_logits(base: str | Path, path: str | Path, text: str | Path | None = None, ctx: int = 512,
+                      chunks: int | None = None, threads: int | None = None, *,
+                      progress: Callable[[int, int], None] | None = None,
+                      before_write: Callable[[int], None] | None = None, options=None) -> BaseLogitsInfo:
+    """Run ``base`` over ``text`` once and store its log-probabilities as llama-perplexity's
+    ``--kl-divergence-base`` does (same tokens, chunks and 16-bit rows), atomically.
+    ``before_write(nbytes)`` is called with the exact file size before anything is written (to
+    announce it or refuse it)."""
+    from ..system import default_threads
+    from ..runtime.llama import LoadOptions, Model
+    from .logits_file import LogitsFileWriter, scored_per_chunk
+
+    t0 = time.perf_counter()
+    tokens, n_vocab, size = base_logits_layout(base, text, ctx, chunks)
+    if before_write is not None:
+        before_write(size)
+    n_threads = default_threads(threads)
+    n_chunk = len(tokens) // ctx
+    kwargs = (options or LoadOptions()).model_kwargs(n_ctx=ctx, n_batch=ctx, threads=n_threads, flash_attn=FLASH_ATTN)
+    with Model(base, **kwargs) as m, \
+            LogitsFileWriter(path, ctx, n_vocab, tokens) as writer:
+        n_scored = scored_per_chunk(ctx)
+        for i, chunk, _ in _chunks(tokens, ctx, n_chunk, m.add_bos, m.bos):
+            writer.add_chunk(m.chunk_logits(chunk, ctx // 2)[:n_scored])
+            if progress is not None:
+                progress(i + 1, n_chunk)
+        writer.commit()
+    return BaseLogitsInfo(str(path), str(base), ctx, n_vocab, n_chunk, Path(path).stat().st_size,
+                          time.perf_counter() - t0)
+
+
+def evaluate_against_logits(model: str | Path, base_logits: str | Path, *, chunks: int | None = None,
+                            threads: int | None = None,
+                            progress: Callable[[int, int], None] | None = None, options=None) -> EvalResult:
+    """``model`` against a stored base (llama-perplexity --kl-divergence with --kl-divergence-base
+    FILE): the file's tokens and context; one chunk of logits in memory at a time."""
+    from ..system import default_threads
+    from ..runtime.llama import LoadOptions, Model
+    from .logits_file import LogitsFile
+
+    t_start = time.perf_counter()
+    path = Path(model)
+    n_threads = default_threads(threads)
+    with LogitsFile(base_logits) as file:
+        h = file.header
+        ctx = h.n_ctx
+        check_ctx(ctx)
+        n_chunk = h.n_chunk if chunks is None else min(chunks, h.n_chunk)
+        if chunks is not None and chunks < 1:
+            raise EvalError(f"chunks must be >= 1, got {chunks}", chunks)
+        _check_file(path, ctx)
+        stats, seconds = Statistics(), 0.0
+        kwargs = (options or LoadOptions()).model_kwargs(n_ctx=ctx, n_batch=ctx, threads=n_threads, flash_attn=FLASH_ATTN)
+        with Model(path, **kwargs) as m:
+            offload = m.offload.to_dict()
+            if m.n_vocab != h.n_vocab:
+                raise LogitsFileError(file.path, f"holds a {h.n_vocab}-token vocabulary, {path.name} has "
+                                                 f"{m.n_vocab}: KL divergence needs the same tokenizer")
+            first = ctx // 2
+            for i, chunk, targets in _chunks(file.tokens, ctx, n_chunk, m.add_bos, m.bos):
+                t0 = time.perf_counter()
+                base = BaseProbs.from_log_probs(file.log_probs(i), targets, threads=n_threads)
+                logits = m.chunk_logits(chunk, first)[:h.n_scored]
+                stats.add(compare(base, logits, targets, threads=n_threads))
+                del logits, base
+                seconds += time.perf_counter() - t0
+                if progress is not None:
+                    progress(i + 1, n_chunk)
+    summary = stats.summary()
+    return EvalResult(
+        model=str(path), base=str(base_logits), text=f"the tokens stored in {Path(base_logits).name}",
+        n_ctx=ctx, n_chunks=n_chunk, n_tokens_scored=stats.count, **summary, llama_compat=True,
+        threads=n_threads, seconds=seconds, tokens_per_second=n_chunk * ctx / seconds if seconds > 0 else 0.0,
+        wall_seconds=time.perf_counter() - t_start,
+        notes=[f"base log-probabilities read from {Path(base_logits).name} (llama-perplexity's 16-bit storage)"],
+        offload=offload,
+    )
+
+
+def _chunks(tokens: np.ndarray, ctx: int, n_chunk: int, add_bos: bool, bos: int):
+    """(index, chunk to decode, scored targets) as llama-perplexity cuts the tokens: each chunk's
+    first token becomes BOS when the vocabulary adds one; the targets are the original tokens."""
+    first = ctx // 2
+    for i in range(n_chunk):
+        chunk = np.array(tokens[i * ctx:(i + 1) * ctx], dtype=np.int32)
+        if add_bos:
+            chunk[0] = bos
+        yield i, chunk, np.asarray(tokens[i * ctx + first + 1:(i + 1) * ctx], dtype=np.int64)
+
+
+def _base_notes(base_path: Path, base_type: str | None, base_quantized: bool | None) -> list[str]:
+    if not base_quantized:
+        return []
+    return [f"the base {base_path.name} is itself quantized ({base_type}): KLD and ΔPPL "
+            "measure the distance to it, not to the original weights"]
 
 
 def evaluate_many(models: Sequence[str | Path], base: str | Path, text: str | Path | None = None, ctx: int = 512,
@@ -577,10 +730,7 @@ def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks:
     results = []
     for path, s, sec, offload in zip(paths, stats, seconds, offloads):
         summary = s.summary()
-        notes = []
-        if base_quantized:
-            notes.append(f"the base {base_path.name} is itself quantized ({base_type}): KLD and ΔPPL "
-                         "measure the distance to it, not to the original weights")
+        notes = _base_notes(base_path, base_type, base_quantized) if base_path is not None else []
         results.append(EvalResult(
             model=str(path), base=str(base_path) if base_path is not None else None, text=text_name,
             n_ctx=ctx, n_chunks=n_chunk, n_tokens_scored=s.count, **summary,

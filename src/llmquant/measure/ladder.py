@@ -1,11 +1,13 @@
-"""The main job: quantize a model to every rung, measure each against the F32 rendering of the
-source, time it, and say which rung to use here and why. Orchestration only: quantize.py,
-eval.py, bench.py and fit.py do the work; report.py renders the result."""
+"""The main job: quantize a model to every rung, measure each against the source (its F32
+rendering when the source is itself quantized), time it, and say which rung to use here and why.
+Orchestration only: quantize.py, eval.py, bench.py and fit.py do the work; report.py renders the
+result; resume.py records finished work so that an interrupted ladder picks up where it stopped."""
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,14 +15,18 @@ from typing import Callable
 
 from gguf import LlamaFileType
 
-from ..errors import DestinationError, LlmquantError
-from ..system import default_threads
+from .. import __version__
+from ..errors import DestinationError, LadderError, LlmquantError
+from ..system import check_disk_space, default_threads
 from ..store import resolve_model
-from ..quantize import QuantizeResult, output_is_current, quantize_model
+from ..quantize import QuantizeResult, output_is_current, quantize_model, recipe_key, source_fingerprint
+from .resume import LadderState, fingerprint, folder_fingerprint, text_digest
 from ..gguf.recipes import RecipeOptions, ftype_name, parse_ftype
 from ..gguf.source import GGUFSource
 
 DEFAULT_RUNGS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
+KEEP_CHOICES = ("all", "best", "none")
+KEEP_ALL_BELOW = 3e9  # parameters: above, every rung file together passes ~20 GB; keep the recommended one
 
 Step = Callable[[str, float | None], None]  # (description, fraction done or None)
 
@@ -39,6 +45,8 @@ class RungResult:
     eval: dict = field(default_factory=dict)
     speed: dict = field(default_factory=dict)
     fit: dict = field(default_factory=dict)  # llmquant fit's row for this rung on this machine
+    resumed: bool = False  # measurements taken from ladder-state.json (an earlier, interrupted run)
+    kept: bool = True  # the file is still on disk (--keep)
 
     def main_types(self, limit: int = 2) -> str:
         total = sum(e["params"] for e in self.types.values()) or 1
@@ -67,6 +75,8 @@ class LadderResult:
     notes: list[str]
     seconds: float
     out_dir: str
+    base_logits: str | None = None
+    keep: str = "all"
     offload: dict | None = None  # runtime.llama.Offload.to_dict(): layers on GPU / CPU in eval and speed
 
     def to_dict(self) -> dict:
@@ -78,6 +88,8 @@ def _quantize(src: Path, dst: Path, ftype: LlamaFileType, threads: int, imat=Non
     weighting = {"importance": imat.entries, "metadata": imat.provenance()} if imat is not None else {}
     if dst.exists() and output_is_current(dst, src, ftype, options, weighting.get("importance")):
         return quantize_model(src, None, ftype, options=options, dry_run=True, **weighting), True
+    planned = quantize_model(src, None, ftype, options=options, dry_run=True, **weighting)
+    check_disk_space(dst.parent, planned.file_bytes or planned.output_bytes, f"{ftype_name(ftype)} file {dst.name}")
     return quantize_model(src, dst, ftype, options=options, threads=threads, force=True, **weighting), False
 
 
@@ -120,6 +132,51 @@ def _rung(name: str, path: Path, q: QuantizeResult, reused: bool) -> RungResult:
     )
 
 
+class _Progress:
+    """The ladder's steps with an overall fraction: each unit of work weighs its model's bytes
+    (decoding and quantizing are linear in them)."""
+
+    def __init__(self, step: Step, weights: dict[str, float]):
+        self.step, self.weights = step, weights
+        self.total = sum(weights.values()) or 1.0
+        self.done = 0.0
+
+    def __call__(self, desc: str, unit: str | None = None, part: float = 0.0) -> None:
+        extra = self.weights.get(unit, 0.0) * part if unit else 0.0
+        self.step(desc, min((self.done + extra) / self.total, 1.0))
+
+    def finish(self, unit: str) -> None:
+        self.done += self.weights.get(unit, 0.0)
+
+
+def as_gguf(model: str | Path | None, out: Path, threads: int, state: LadderState | None = None,
+            notes: list[str] | None = None, step: Step | None = None) -> Path:
+    """A model argument as a GGUF path: a Hugging Face folder is converted once into ``out`` (at
+    the precision its weights are stored in), and reused while the folder is unchanged."""
+    src = resolve_model(model)
+    if not src.is_dir():
+        return src
+    from ..convert import convert_model, default_output_name
+    from ..hf.source import HFSource
+
+    with HFSource(src) as hf:
+        ftype = hf.guessed_ftype()
+        dst = out / default_output_name(hf, ftype)
+        need = sum(t.n_elements for t in hf.tensors) * (4 if ftype == LlamaFileType.ALL_F32 else 2)
+    key = fingerprint("convert", folder_fingerprint(src), ftype_name(ftype), __version__)
+    if state is not None and state.get("convert", key) and dst.is_file():
+        return dst
+    check_disk_space(out, need, f"conversion of {src.name}")
+    if step:
+        step(f"convert {src.name} -> {dst.name}", None)
+    convert_model(src, dst, ftype, threads=threads, force=True)
+    if state is not None:
+        state.put("convert", key, {"path": str(dst)})
+    if notes is not None:
+        notes.append(f"converted the Hugging Face folder {src} to {dst.name} ({ftype_name(ftype)}) once")
+    return dst
+
+
 def run_ladder(
     model: str | Path | None = None,
     *,
@@ -133,23 +190,35 @@ def run_ladder(
     fit_ctx: int | None = None,
     machine: str = "this",
     step: Step | None = None,
+    keep: str | None = None,
     options=None,
     imatrix: str | Path | None = None,
 ) -> LadderResult:
-    """``options``: a runtime.llama.LoadOptions (GPU layers, ...) for evaluation and speed.
+    """Quantize ``model`` (GGUF, stored name or Hugging Face folder) to every rung and measure each
+    against the base, one rung at a time: peak memory is the largest single model plus a chunk of
+    logits. The base's log-probabilities are computed once and stored in ``out_dir`` in
+    llama-perplexity's --kl-divergence-base format; finished work is recorded in
+    ``ladder-state.json`` there, so a rerun after an interruption redoes only what is unfinished.
+    ``keep``: which rung files stay, "all", "best" (the recommended one) or "none"; default "all"
+    below KEEP_ALL_BELOW parameters, "best" above.
+    ``options``: a runtime.llama.LoadOptions (GPU layers, ...) for evaluation and speed.
     ``imatrix``: None (no importance rungs), "auto" (collected from the base on the shipped
     calibration text, into ``out_dir``, reused while current) or an imatrix file; then every K /
     legacy rung is also made with it (``Q4_K_M+imat``)."""
-    from .eval import evaluate_many
+    from .eval import evaluate_against_logits, load_text, write_base_logits
+    from .logits_file import LogitsFile
 
     t0 = time.perf_counter()
     step = step or (lambda desc, frac: None)
     threads = default_threads(threads)
-    src = resolve_model(model)
     out = Path(out_dir)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
+    state = LadderState(out)
+    notes: list[str] = []
     ftypes = [(name.upper(), parse_ftype(name)) for name in rungs]
+    src = as_gguf(model, out, threads, state, notes, step)
     with GGUFSource(src) as s:
         stem = (s.get("general.name") or src.stem).replace(" ", "-")
         model_name = s.get("general.name")
@@ -157,31 +226,43 @@ def run_ladder(
         source_was_quantized = s.is_quantized
         n_params = s.n_params
         trained_ctx = int(s.arch_get("context_length") or 4096)
-    f32_bytes = n_params * 4
-    notes: list[str] = []
-    # the base of every comparison: the F32 rendering of the source (F16 where memory is short)
-    base_ftype = LlamaFileType.ALL_F32
-    try:
-        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        if f32_bytes * 3 > avail:
-            base_ftype = LlamaFileType.MOSTLY_F16
-            notes.append("the base is the F16 rendering of the source: its F32 rendering would not fit in memory")
-    except (ValueError, OSError):
-        pass
-    base_path = out / f"{stem}-{ftype_name(base_ftype)}.gguf"
-    try:
-        _check_space(src, [(base_path, base_ftype)] + [(out / f"{stem}-{n}.gguf", f) for n, f in ftypes])
+    if keep is None:
+        keep = "all" if n_params < KEEP_ALL_BELOW else "best"
+        if keep == "best":
+            notes.append(f"--keep best (the default above {KEEP_ALL_BELOW / 1e9:.0f}B parameters): only the "
+                         "recommended rung's file stays; the others are deleted once measured")
+    if keep not in KEEP_CHOICES:
+        raise LadderError(f"--keep must be one of {', '.join(KEEP_CHOICES)}, got {keep!r}")
+    src_fp = source_fingerprint(src)
+
+    # the base of every comparison: the source itself at 16/32-bit precision; the F32 rendering of
+    # a quantized source (F16 where memory is short)
+    if not source_was_quantized:
+        base_path, base_name = src, source_type or "source"
+    else:
+        base_ftype = LlamaFileType.ALL_F32
+        try:
+            avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            if n_params * 4 * 3 > avail:
+                base_ftype = LlamaFileType.MOSTLY_F16
+                notes.append("the base is the F16 rendering of the source: its F32 rendering would not fit in memory")
+        except (ValueError, OSError):
+            pass
+        base_name = ftype_name(base_ftype)
+        base_path = out / f"{stem}-{base_name}.gguf"
+    try:  # room for every file still to write, before writing any
+        _check_space(src, ([(base_path, base_ftype)] if source_was_quantized else [])
+                     + [(out / f"{stem}-{n}.gguf", f) for n, f in ftypes])
     except DestinationError:
         if created:  # leave no trace
-            out.rmdir()
+            shutil.rmtree(out, ignore_errors=True)
         raise
-    step(f"base: {ftype_name(base_ftype)} rendering of the source", None)
-    _quantize(src, base_path, base_ftype, threads)
     if source_was_quantized:
+        step(f"base: {base_name} rendering of the source", 0.0)
+        _quantize(src, base_path, base_ftype, threads)
         notes.append(
             f"the source file is itself quantized ({source_type}); every rung is re-quantized from its "
-            f"{ftype_name(base_ftype)} rendering, so the losses shown are optimistic compared with "
-            "quantizing the original weights"
+            f"{base_name} rendering, so the losses shown are optimistic compared with quantizing the original weights"
         )
     imat = None
     if imatrix is not None:
@@ -193,66 +274,154 @@ def run_ladder(
             step("imatrix: collect on the calibration text", None)
             made = auto_imatrix(base_path, out, threads=threads)
             notes.append(f"importance matrix {made.path} ({'reused' if made.reused else 'collected'} from the "
-                         f"{ftype_name(base_ftype)} base over {made.chunk_count} chunks of the calibration text)")
+                         f"{base_name} base over {made.chunk_count} chunks of the calibration text)")
             imatrix = made.path
         imat = load_imatrix(imatrix)
-    results: list[RungResult] = []
-    for i, (name, ftype) in enumerate(ftypes):
-        path = out / f"{stem}-{name}.gguf"
-        step(f"quantize {name}", i / len(ftypes))
-        q, reused = _quantize(src, path, ftype, threads)
-        results.append(_rung(name, path, q, reused))
+    # (rung name, file type, importance matrix or None, file)
+    units = []
+    for name, ftype in ftypes:
+        units.append((name, ftype, None, out / f"{stem}-{name}.gguf"))
         if imat is not None and name not in _NO_IMATRIX:
-            path = out / f"{stem}-{name}-imat.gguf"
-            step(f"quantize {name} with the imatrix", i / len(ftypes))
-            q, reused = _quantize(src, path, ftype, threads, imat)
-            results.append(_rung(name + IMAT_SUFFIX, path, q, reused))
-    step("evaluate against the base", None)
-    evals = evaluate_many([Path(r.path) for r in results], base_path, text=text, ctx=ctx, chunks=chunks,
-                          threads=threads, progress=lambda done, total: step(f"evaluate chunk {done}/{total}", done / max(total, 1)),
-                          options=options)
-    for r, e in zip(results, evals):
-        r.eval = e.to_dict()
-    if speed:
-        from .bench import probe
+            units.append((name + IMAT_SUFFIX, ftype, imat, out / f"{stem}-{name}-imat.gguf"))
 
-        for i, r in enumerate(results):
-            step(f"speed {r.name}", i / len(results))
-            r.speed = probe(r.path, n_prompt=128, n_gen=32, repetitions=2, threads=threads, options=options).to_dict()
-    step("fit: memory on this machine", None)
-    machine_info, fit_ctx = _fit_rungs(src, results, fit_ctx or min(trained_ctx, 8192), machine, notes)
+    # the base's log-probabilities, once per (base, text, ctx, chunks)
+    content, _ = load_text(text)
+    logits_key = fingerprint("base-logits", source_fingerprint(base_path), text_digest(content), ctx, chunks)
+    logits_path = out / f"{stem}-base-ctx{ctx}.kld"
+    plans = {name: quantize_model(src, None, ftype, options=RecipeOptions(allow_requantize=True), dry_run=True)
+             for name, ftype in ftypes}
+    progress = _Progress(step, {"base": float(Path(base_path).stat().st_size),
+                                **{u[0]: float(plans[u[0].removesuffix(IMAT_SUFFIX)].file_bytes or
+                                               plans[u[0].removesuffix(IMAT_SUFFIX)].output_bytes) for u in units}})
+    if not (state.get("base-logits", logits_key) and _logits_ok(logits_path, LogitsFile)):
+        def before_write(nbytes: int) -> None:
+            step(f"base logits: {nbytes / 2**20:,.0f} MiB to {logits_path.name} (llama-perplexity's "
+                 "--kl-divergence-base format)", 0.0)
+            check_disk_space(out, nbytes, f"base logits {logits_path.name}")
+
+        write_base_logits(base_path, logits_path, text, ctx, chunks, threads, before_write=before_write,
+                          progress=lambda i, n: progress(f"base logits: chunk {i}/{n}", "base", i / n),
+                          options=options)
+        state.put("base-logits", logits_key, {"path": str(logits_path)})
+    progress.finish("base")
+    logits_bytes = logits_path.stat().st_size
+
+    machine_info, fit_ctx, fits = _fit_table(src, [n for n, _ in ftypes], fit_ctx or min(trained_ctx, 8192),
+                                             machine, notes)
+    results: list[RungResult] = []
+    n_chunks = None
+    for name, ftype, rung_imat, path in units:
+        recipe = RecipeOptions(allow_requantize=True)
+        key = fingerprint("rung", src_fp, recipe_key(ftype, recipe, rung_imat.entries if rung_imat else None), logits_key)
+        rec = state.get(f"rung:{name}", key)
+        if rec is not None and speed and not rec.get("speed"):
+            rec = None  # measured without --speed before: measure again, with it
+        if rec is not None:
+            r = RungResult(**{**rec, "resumed": True})
+            r.kept = path.is_file()
+            progress(f"{name}: measured before, reused", name)
+        else:
+            progress(f"quantize {name}" + (" with the imatrix" if rung_imat else ""), name)
+            q, reused = _quantize(src, path, ftype, threads, rung_imat)
+            r = _rung(name, path, q, reused)
+            r.eval = evaluate_against_logits(
+                path, logits_path, threads=threads, options=options,
+                progress=lambda i, n, nm=name: progress(f"evaluate {nm}: chunk {i}/{n}", nm, 0.3 + 0.5 * i / n),
+            ).to_dict()
+            if speed:
+                from .bench import probe
+
+                progress(f"speed {name}", name, 0.85)
+                r.speed = probe(r.path, n_prompt=128, n_gen=32, repetitions=2, threads=threads,
+                                options=options).to_dict()
+            state.put(f"rung:{name}", key, {k: v for k, v in asdict(r).items() if k not in ("fit", "resumed", "kept")})
+        r.fit = fits.get(name.removesuffix(IMAT_SUFFIX), {})
+        n_chunks = r.eval.get("n_chunks", n_chunks)
+        results.append(r)
+        progress.finish(name)
+        _apply_keep(keep, results, n_params, machine_info, fit_ctx, src, base_path)
+    step("recommend", 1.0)
     inversions = find_inversions(results, source_type if source_was_quantized else None)
     recommendation, reasons = recommend(results, model_params=n_params, machine=machine_info, fit_ctx=fit_ctx)
+    if keep != "all":
+        notes.append(f"kept rung files (--keep {keep}): " + (", ".join(r.name for r in results if r.kept) or "none"))
+    notes.append(f"base logits: {logits_path.name}, {logits_bytes / 2**20:,.0f} MiB "
+                 "(reusable: llama-perplexity --kl-divergence-base FILE --kl-divergence, llmquant eval --base-logits FILE)")
     text_name = str(text) if text else "llmquant built-in evaluation text"
     return LadderResult(
         model=str(src), model_name=model_name, source_type=source_type,
-        source_was_quantized=source_was_quantized, base=str(base_path), base_type=ftype_name(base_ftype),
-        ctx=ctx, chunks=evals[0].n_chunks if evals else chunks, text=text_name, threads=threads, rungs=results,
+        source_was_quantized=source_was_quantized, base=str(base_path), base_type=base_name,
+        ctx=ctx, chunks=n_chunks if n_chunks is not None else chunks, text=text_name, threads=threads, rungs=results,
         inversions=inversions, recommendation=recommendation, reasons=reasons, notes=notes,
         machine=machine_info, fit_ctx=fit_ctx,
-        seconds=time.perf_counter() - t0, out_dir=str(out), offload=evals[0].offload if evals else None,
+        seconds=time.perf_counter() - t0, out_dir=str(out), base_logits=str(logits_path), keep=keep,
+        offload=results[0].eval.get("offload") if results else None,
     )
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Temporary files a killed run left behind (writers name them .llmquant-partial-PID-...;
+    a file whose process is gone can never be committed)."""
+    for p in out.glob(".llmquant-partial-*"):
+        pid = p.name.removeprefix(".llmquant-partial-").split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            p.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # someone else's live process
+
+
+def _logits_ok(path: Path, reader) -> bool:
+    try:
+        reader(path).close()
+        return True
+    except LlmquantError:
+        return False
+
+
+def _apply_keep(keep: str, rungs: list[RungResult], n_params: int, machine: dict, fit_ctx: int | None,
+                src: Path, base: Path) -> None:
+    """Delete the rung files ``keep`` does not keep. For "best", the provisional recommendation
+    over the rungs measured so far stays (a later rung replaces it only by being recommended)."""
+    if keep == "all":
+        return
+    pick = recommend(rungs, model_params=n_params, machine=machine, fit_ctx=fit_ctx)[0] if keep == "best" else None
+    for r in rungs:
+        path = Path(r.path)
+        if r.name == pick or not r.kept or path.resolve() in (src.resolve(), Path(base).resolve()):
+            continue
+        path.unlink(missing_ok=True)
+        r.kept = False
+
+
+def _fit_table(src: Path, names: list[str], n_ctx: int, machine: str,
+               notes: list[str]) -> tuple[dict, int | None, dict[str, dict]]:
+    """llmquant fit's memory and speed bound for an ``n_ctx``-token context, per rung (metadata only)."""
+    from ..fit.planner import fit, resolve_machine
+    from ..fit.catalog import load_spec
+
+    try:
+        report = fit(load_spec(str(src)), resolve_machine(machine, None, None), n_ctx=n_ctx, ladder=names).to_dict()
+    except LlmquantError as exc:
+        notes.append(f"fit could not size the rungs: {exc}")
+        return {}, None, {}
+    by_name = {}
+    for row in report["rungs"]:
+        by_name[row["ftype"]] = {k: row[k] for k in ("total_bytes", "fits", "tight", "headroom_bytes", "tok_s",
+                                                      "max_ctx", "placement", "usable_bytes")}
+    return report["machine"], n_ctx, by_name
 
 
 def _fit_rungs(src: Path, rungs: list[RungResult], n_ctx: int, machine: str,
                notes: list[str]) -> tuple[dict, int | None]:
     """Attach llmquant fit's memory and speed bound for an ``n_ctx``-token context to every rung."""
-    from ..fit.planner import fit, resolve_machine
-    from ..fit.catalog import load_spec
-
-    try:
-        report = fit(load_spec(str(src)), resolve_machine(machine, None, None), n_ctx=n_ctx,
-                     ladder=[r.name for r in rungs]).to_dict()
-    except LlmquantError as exc:
-        notes.append(f"fit could not size the rungs: {exc}")
-        return {}, None
-    by_name = {r["ftype"]: r for r in report["rungs"]}
+    machine_info, n_ctx_used, by_name = _fit_table(src, [r.name for r in rungs], n_ctx, machine, notes)
     for r in rungs:
-        row = by_name.get(r.name)
-        if row:
-            r.fit = {k: row[k] for k in ("total_bytes", "fits", "tight", "headroom_bytes", "tok_s", "max_ctx",
-                                         "placement", "usable_bytes")}
-    return report["machine"], n_ctx
+        r.fit = by_name.get(r.name, {})
+    return machine_info, n_ctx_used
 
 
 def find_inversions(rungs: list[RungResult], source_type: str | None) -> list[str]:

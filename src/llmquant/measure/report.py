@@ -68,7 +68,8 @@ def rows(result: LadderResult) -> list[list[str]]:
 def header_lines(result: LadderResult) -> list[str]:
     lines = [
         f"model: {result.model_name or result.model} ({result.source_type or '?'} file: {result.model})",
-        f"base of comparison: {result.base_type} rendering ({result.base}); text: {result.text}; "
+        f"base of comparison: {'the source itself' if result.base == result.model else 'its ' + result.base_type + ' rendering'}"
+        f" ({result.base_type}: {result.base}); text: {result.text}; "
         f"ctx {result.ctx}, {result.chunks} chunks, second half of each chunk scored; {result.threads} threads",
     ]
     if result.machine:
@@ -101,6 +102,42 @@ def table(result: LadderResult) -> Table:
     for row in rows(result):
         t.add_row(*row)
     return t
+
+
+# columns dropped first when a plain table must fit a narrow width (a log, a pipe: 80 columns)
+_DROP_ORDER = ("fallback", "pp t/s", "peak RSS", "KLD p99", "bpw", "ΔPPL", "tg t/s", "RAM @ctx")
+
+
+def plain_table(result: LadderResult, width: int = 80) -> str:
+    """The ladder table as plain text no wider than ``width``: PPL without its ± part, then
+    columns dropped in _DROP_ORDER until it fits (the JSON and Markdown reports have them all)."""
+    all_cols = list(columns(result))
+    data = [[cell.split(" ± ")[0] if c == "PPL" else cell.replace(" MiB", "M") if "MiB" in cell else cell
+             for c, cell in zip(all_cols, row)] for row in rows(result)]
+
+    def render(cols: list[str]) -> list[str]:
+        idx = [all_cols.index(c) for c in cols]
+        widths = [max(len(c), *(len(r[i]) for r in data)) if data else len(c) for c, i in zip(cols, idx)]
+
+        def fmt(cells: list[str]) -> str:
+            return "  ".join(cell.ljust(w) if j == 0 else cell.rjust(w) for j, (cell, w) in enumerate(zip(cells, widths)))
+
+        lines = [fmt(cols), "  ".join("-" * w for w in widths)] + [fmt([r[i] for i in idx]) for r in data]
+        return [line.rstrip() for line in lines]
+
+    cols = list(all_cols)
+    lines = render(cols)
+    for c in _DROP_ORDER:
+        if max(len(line) for line in lines) <= width:
+            break
+        cols.remove(c)
+        lines = render(cols)
+    dropped = [c for c in all_cols if c not in cols]
+    if dropped:
+        import textwrap
+
+        lines += textwrap.wrap(f"(not shown at {width} columns: {', '.join(dropped)}; see ladder.md)", width)
+    return "\n".join(lines)
 
 
 def markdown(result: LadderResult) -> str:
