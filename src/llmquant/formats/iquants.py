@@ -12,18 +12,28 @@ Literal numba translations of ``ggml/src/ggml-quants.c`` (llama.cpp vendored by 
 """
 
 # the C comparisons stay as written: max()/min() differ from them on NaN and on operand order
-# ruff: noqa: PLR1730, FURB136
+# ruff: noqa: FURB136
 
 from __future__ import annotations
 
 from functools import cache
+from typing import ClassVar
 
 import numpy as np
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from ..errors import FormatError
-from ._kernels import GROUP_MAX_EPS, QK_K, F, fp32_to_fp16, jit, nearest_int, store_fp16
+from ._kernels import (
+    GROUP_MAX_EPS,
+    QK_K,
+    F,
+    fp32_to_fp16,
+    jit,
+    make_qp_quants,
+    nearest_int,
+    store_fp16,
+)
 from .base import QuantFormat
 
 I = np.int64
@@ -581,6 +591,258 @@ def _iq3_s(rows, out, quant_weights, grid, kmap, neighbours):
                 y[_IQ3S_SCALES + ib // 2] = (l1 | (l2 << 4)) & 0xFF
 
 
+# -- IQ2_XXS / IQ2_XS / IQ2_S -----------------------------------------------------------------
+#
+#   block_iq2_xxs  d | 8 x (u32 4 grid indices, u32 4x7 sign bits | scale << 28)           66
+#   block_iq2_xs   d | qs[32] u16 (index | 7 signs << 9) | scales[8] (2 nibbles)          74
+#   block_iq2_s    d | qs[32] low index bits | signs[32] | qh[8] (2 bits each) | scales[8] 82
+GROUP_MAX_EPS_IQ2_S = F(1e-8)
+_IQ2XXS_SIZE, _IQ2XS_SIZE, _IQ2S_SIZE = 66, 74, 82
+
+
+@jit
+def _iq2_point(xval, k, id_, kMaxQ, L, store):
+    """u of the 8 values of group k at inverse scale id_ (levels in [0, kMaxQ-1]; into L if store)."""
+    u = 0
+    for i in range(8):
+        l = nearest_int(F(0.5) * (id_ * xval[8 * k + i] - F(1)))
+        l = max(0, min(kMaxQ - 1, l))
+        if store:
+            L[8 * k + i] = l
+        u |= l << (2 * i)
+    return u
+
+
+@jit
+def _iq2_index(L, k, kmap):
+    u = 0
+    for i in range(8):
+        u |= I(L[8 * k + i]) << (2 * i)
+    grid_index = kmap[u]
+    if grid_index < 0:
+        raise ValueError("found point not on grid (libggml aborts here)")
+    return grid_index
+
+
+@jit
+def _iq2_sums(weight, xval, L, n):
+    sumqx = F(0)
+    sumq2 = F(0)
+    for i in range(n):
+        w = weight[i]
+        q = F(2 * I(L[i]) + 1)
+        sumqx += w * xval[i] * q
+        sumq2 += w * q * q
+    return sumqx, sumq2
+
+
+@jit
+def _iq2_xxs(rows, out, quant_weights, grid, kmap, neighbours):
+    """quantize_iq2_xxs -> quantize_row_iq2_xxs_impl (importance required)."""
+    kMaxQ = 3
+    scales = np.empty(8, np.float32)
+    weight = np.empty(32, np.float32)
+    xval = np.empty(32, np.float32)
+    waux = np.empty(32, np.float32)
+    L = np.zeros(32, np.uint8)
+    Laux = np.zeros(32, np.uint8)
+    block_signs = np.zeros(4, np.int64)
+    q2 = np.zeros(16, np.int64)
+    for r in range(rows.shape[0]):
+        for ibl in range(rows.shape[1] // QK_K):
+            y = out[r, ibl * _IQ2XXS_SIZE:(ibl + 1) * _IQ2XXS_SIZE]
+            y[:] = 0
+            q2[:] = 0
+            max_scale = F(0)
+            xbl = rows[r, QK_K * ibl:QK_K * (ibl + 1)]
+            sumx2 = F(0)
+            for i in range(QK_K):
+                sumx2 += xbl[i] * xbl[i]
+            sigma2 = sumx2 / F(QK_K)
+            for ib in range(QK_K // 32):
+                xb = xbl[32 * ib:32 * ib + 32]
+                _block_weights(xb, quant_weights, QK_K * ibl + 32 * ib, sigma2, weight, waux, 32)
+                for k in range(4):
+                    block_signs[k] = _sign_split(xb, 8 * k, weight, xval, True) & 127
+                max_ = xval[0]
+                for i in range(1, 32):
+                    max_ = max_ if max_ > xval[i] else xval[i]
+                if max_ < GROUP_MAX_EPS:
+                    scales[ib] = F(0)
+                    L[:] = 0
+                    continue
+                scale = make_qp_quants(32, kMaxQ + 1, xval, L, weight)
+                eff_max = scale * F(kMaxQ)
+                if eff_max <= F(0):
+                    scales[ib] = F(0)
+                    L[:] = 0
+                    continue
+                best = F(0)
+                for is_ in range(-6, 7):
+                    id_ = (F(2 * kMaxQ - 1) + F(is_) * F(0.1)) / eff_max
+                    this_scale = F(1) / id_
+                    for k in range(4):
+                        u = _iq2_point(xval, k, id_, kMaxQ, Laux, True)
+                        if kmap[u] < 0:
+                            _find_best_neighbour(neighbours, -kmap[u] - 1, grid, xval, 8 * k, waux, this_scale, Laux, 8 * k)
+                    sumqx, sumq2 = _iq2_sums(weight, xval, Laux, 32)
+                    if sumq2 > F(0) and sumqx * sumqx > best * sumq2:
+                        scale = sumqx / sumq2
+                        best = scale * sumqx
+                        L[:] = Laux
+                if scale > F(0):
+                    id_ = F(1) / scale
+                    for k in range(4):
+                        u = _iq2_point(xval, k, id_, kMaxQ, L, False)
+                        grid_index = kmap[u]
+                        if grid_index < 0:
+                            grid_index = _find_best_neighbour(neighbours, -kmap[u] - 1, grid, xval, 8 * k, waux,
+                                                              scale, L, 8 * k)
+                        for i in range(8):
+                            L[8 * k + i] = (grid[grid_index, i] - 1) // 2
+                    sumqx, sumq2 = _iq2_sums(weight, xval, L, 32)
+                    if sumq2 > F(0):
+                        scale = sumqx / sumq2
+                if scale < F(0):
+                    scale = -scale
+                    for k in range(4):
+                        block_signs[k] = (~block_signs[k]) & 127
+                for k in range(4):
+                    grid_index = _iq2_index(L, k, kmap)
+                    q2[2 * ib] |= grid_index << (8 * k)
+                    q2[2 * ib + 1] |= block_signs[k] << (7 * k)
+                if not scale >= F(0):
+                    raise ValueError("GGML_ASSERT(scale >= 0)")
+                scales[ib] = scale
+                max_scale = max_scale if max_scale > scale else scale
+            if max_scale == F(0):
+                continue
+            d = max_scale / F(31)
+            store_fp16(y, 0, fp32_to_fp16(d))
+            id_ = F(1) / d
+            for ib in range(QK_K // 32):
+                l = nearest_int(F(0.5) * (id_ * scales[ib] - F(1)))
+                l = max(0, min(15, l))
+                q2[2 * ib + 1] |= l << 28
+            for j in range(16):
+                for b in range(4):
+                    y[2 + 4 * j + b] = (q2[j] >> (8 * b)) & 0xFF
+
+
+@jit
+def _iq2_16(rows, out, quant_weights, grid, kmap, neighbours, is_s):
+    """quantize_row_iq2_xs_impl (is_s False: importance required, 7 signs + parity) and
+    quantize_row_iq2_s_impl (is_s True): 16-value sub-blocks of two 8-value grid points."""
+    kMaxQ = 3
+    size = _IQ2S_SIZE if is_s else _IQ2XS_SIZE
+    scales = np.empty(16, np.float32)
+    weight = np.empty(16, np.float32)
+    xval = np.empty(16, np.float32)
+    waux = np.empty(16, np.float32)
+    L = np.zeros(16, np.int8)
+    Laux = np.zeros(16, np.int8)
+    is_on_grid = np.zeros(2, np.bool_)
+    is_on_grid_aux = np.zeros(2, np.bool_)
+    block_signs = np.zeros(2, np.int64)
+    eps = GROUP_MAX_EPS_IQ2_S if is_s else GROUP_MAX_EPS
+    for r in range(rows.shape[0]):
+        for ibl in range(rows.shape[1] // QK_K):
+            y = out[r, ibl * size:(ibl + 1) * size]
+            y[:] = 0
+            sc_off = 2 + 64 if not is_s else 2 + 64 + 8
+            max_scale = F(0)
+            xbl = rows[r, QK_K * ibl:QK_K * (ibl + 1)]
+            sumx2 = F(0)
+            for i in range(QK_K):
+                sumx2 += xbl[i] * xbl[i]
+            sigma2 = F(2) * sumx2 / F(QK_K) if is_s else sumx2 / F(QK_K)
+            for ib in range(QK_K // 16):
+                xb = xbl[16 * ib:16 * ib + 16]
+                if is_s and quant_weights is None:
+                    for i in range(16):
+                        weight[i] = F(0.25) * sigma2 + xb[i] * xb[i]
+                    for i in range(16):
+                        waux[i] = np.sqrt(weight[i])
+                else:
+                    _block_weights(xb, quant_weights, QK_K * ibl + 16 * ib, sigma2, weight, waux, 16)
+                for k in range(2):
+                    s = _sign_split(xb, 8 * k, weight, xval, not is_s)
+                    block_signs[k] = s if is_s else s & 127
+                max_ = xval[0]
+                for i in range(1, 16):
+                    max_ = max_ if max_ > xval[i] else xval[i]
+                L[:] = 0
+                if max_ < eps:
+                    scales[ib] = F(0)
+                    continue
+                best = F(0)
+                scale = max_ / F(2 * kMaxQ - 1)
+                is_on_grid[:] = True
+                for is_ in range(-9, 10):
+                    id_ = (F(2 * kMaxQ - 1) + F(is_) * F(0.1)) / max_
+                    this_scale = F(1) / id_
+                    for k in range(2):
+                        u = _iq2_point(xval, k, id_, kMaxQ, Laux, True)
+                        is_on_grid_aux[k] = True
+                        if kmap[u] < 0:
+                            is_on_grid_aux[k] = False
+                            _find_best_neighbour(neighbours, -kmap[u] - 1, grid, xval, 8 * k, waux, this_scale, Laux, 8 * k)
+                    sumqx, sumq2 = _iq2_sums(weight, xval, Laux, 16)
+                    if sumq2 > F(0) and sumqx * sumqx > best * sumq2:
+                        scale = sumqx / sumq2
+                        best = scale * sumqx
+                        L[:] = Laux
+                        is_on_grid[:] = is_on_grid_aux
+                n_not_ongrid = 0
+                for k in range(2):
+                    if not is_on_grid[k]:
+                        n_not_ongrid += 1
+                if n_not_ongrid > 0 and scale > F(0):
+                    id_ = F(1) / scale
+                    for k in range(2):
+                        if is_on_grid[k]:
+                            continue
+                        u = _iq2_point(xval, k, id_, kMaxQ, L, True)
+                        if kmap[u] < 0:
+                            _find_best_neighbour(neighbours, -kmap[u] - 1, grid, xval, 8 * k, waux, scale, L, 8 * k)
+                    sumqx, sumq2 = _iq2_sums(weight, xval, L, 16)
+                    if sumq2 > F(0):
+                        scale = sumqx / sumq2
+                if scale < F(0):
+                    scale = -scale
+                    for k in range(2):
+                        block_signs[k] = (~block_signs[k]) & (0xFF if is_s else 127)
+                for k in range(2):
+                    grid_index = _iq2_index(L, k, kmap)
+                    i8 = 2 * ib + k
+                    if is_s:
+                        y[2 + i8] = grid_index & 255
+                        y[2 + 64 + i8 // 4] |= ((grid_index >> 8) << (2 * (i8 % 4))) & 0xFF
+                        y[2 + QK_K // 8 + i8] = block_signs[k]
+                    else:
+                        v = grid_index | (block_signs[k] << 9)
+                        y[2 + 2 * i8] = v & 0xFF
+                        y[2 + 2 * i8 + 1] = (v >> 8) & 0xFF
+                if not scale >= F(0):
+                    raise ValueError("GGML_ASSERT(scale >= 0)")
+                scales[ib] = scale
+                max_scale = max_scale if max_scale > scale else scale
+            if max_scale == F(0):
+                if not is_s:
+                    y[2:66] = 0
+                continue
+            d = max_scale / F(31)
+            store_fp16(y, 0, fp32_to_fp16(d * F(0.9875) if is_s else d))
+            id_ = F(1) / d
+            for ib in range(QK_K // 16):
+                l = nearest_int(F(0.5) * (id_ * scales[ib] - F(1)))
+                l = max(0, min(15, l))
+                if ib % 2 == 0:
+                    y[sc_off + ib // 2] = l
+                else:
+                    y[sc_off + ib // 2] |= l << 4
+
+
 # -- the registered formats -------------------------------------------------------------------
 
 class _IQuant(QuantFormat):
@@ -610,8 +872,13 @@ class IQ4_XS(_IQuant, qtype=GGMLQuantizationType.IQ4_XS):
 class _Lattice(_IQuant):
     """Types that search a grid: the kernel also gets the lazily built (grid, kmap, neighbours)."""
 
+    # ggml_quantize_requires_imatrix: libggml asserts an importance vector for these
+    requires_importance: ClassVar[bool] = False
+
     @classmethod
     def quantize_rows(cls, rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        if importance is None and cls.requires_importance:
+            raise FormatError(f"{cls.qtype.name} needs importance weights (an imatrix); libggml refuses it without")
         out = np.empty((rows.shape[0], cls.row_size(rows.shape[1])), dtype=np.uint8)
         try:
             cls._kernel(rows, out, importance, *lattice(cls.qtype))
@@ -627,3 +894,22 @@ class IQ3_XXS(_Lattice, qtype=GGMLQuantizationType.IQ3_XXS):
 
 class IQ3_S(_Lattice, qtype=GGMLQuantizationType.IQ3_S):
     _kernel = staticmethod(_iq3_s)
+
+
+class IQ2_XXS(_Lattice, qtype=GGMLQuantizationType.IQ2_XXS):
+    requires_importance = True
+    _kernel = staticmethod(_iq2_xxs)
+
+
+class IQ2_XS(_Lattice, qtype=GGMLQuantizationType.IQ2_XS):
+    requires_importance = True
+
+    @staticmethod
+    def _kernel(rows, out, importance, grid, kmap, neighbours):
+        _iq2_16(rows, out, importance, grid, kmap, neighbours, False)
+
+
+class IQ2_S(_Lattice, qtype=GGMLQuantizationType.IQ2_S):
+    @staticmethod
+    def _kernel(rows, out, importance, grid, kmap, neighbours):
+        _iq2_16(rows, out, importance, grid, kmap, neighbours, True)

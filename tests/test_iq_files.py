@@ -1,0 +1,69 @@
+"""Whole IQ files identical to llama_model_quantize, and the imatrix refusal.
+
+IQ4_XS, IQ3_M and IQ2_M of the embedded SmolLM2 (requantized from its Q4_1, by both sides) with an
+importance matrix written as llama-imatrix does (test_imatrix.py): every tensor's type and bytes
+equal llama.cpp's, the file loads in llama-cpp-python and generates text. Without an imatrix an
+ftype whose plan needs one is refused with one line naming the first tensor, and nothing is
+written (the dry run only warns).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf import LlamaFileType as F
+from helpers import default_model_path
+from test_imatrix import assert_same_tensors, model_stats, write_gguf_imatrix
+
+from llmquant.errors import ImatrixRequiredError
+from llmquant.gguf.imatrix import load_imatrix
+from llmquant.gguf.source import GGUFSource
+from llmquant.quantize import quantize_model
+from llmquant.runtime import reference
+from llmquant.runtime.llama import Model
+
+FILE_FTYPES = {"IQ4_XS": F.MOSTLY_IQ4_XS, "IQ3_M": F.MOSTLY_IQ3_M, "IQ2_M": F.MOSTLY_IQ2_M}
+
+
+@pytest.fixture(scope="module")
+def smol_imatrix(tmp_path_factory):
+    src = default_model_path()
+    path = write_gguf_imatrix(tmp_path_factory.mktemp("iq-imatrix") / "smol.imatrix.gguf", model_stats(src, seed=3))
+    return load_imatrix(path).entries
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FILE_FTYPES))
+def test_smollm2_file_identical_to_llama_quantize(smol_imatrix, tmp_path, name):
+    ftype = FILE_FTYPES[name]
+    src = default_model_path()
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    result = quantize_model(src, ours, ftype, importance=smol_imatrix, threads=2)
+    reference.model_quantize(src, theirs, ftype, imatrix=smol_imatrix, allow_requantize=True, threads=2)
+    assert_same_tensors(ours, theirs, f"SmolLM2 {name} with imatrix")
+    types = {t.type for t in GGUFSource(ours).tensors}
+    # the 1536-column ffn_down keep the IQ type; the 576-column matrices fall back to IQ4_NL
+    assert {Q.IQ4_XS: Q.IQ4_XS, F.MOSTLY_IQ3_M: Q.IQ3_S, F.MOSTLY_IQ2_M: Q.IQ2_S}.get(ftype, Q.IQ4_XS) in types
+    assert Q.IQ4_NL in types
+    assert result.importance_tensors
+    with Model(ours, n_ctx=256, threads=2) as m:
+        text = m.complete("The capital of France is", max_tokens=24).text
+    assert len(re.findall(r"[A-Za-z]{2,}", text)) >= 6, f"{name}: incoherent output {text!r}"
+
+
+@pytest.mark.parametrize("ftype", [F.MOSTLY_IQ2_M, F.MOSTLY_IQ1_S], ids=lambda f: f.name)
+def test_refused_without_imatrix_and_nothing_written(tmp_path, ftype):
+    dst = tmp_path / "out.gguf"
+    with pytest.raises(ImatrixRequiredError) as err:
+        quantize_model(default_model_path(), dst, ftype)
+    message = str(err.value)
+    assert "\n" not in message
+    assert not dst.exists() and not list(tmp_path.iterdir())
+    # llama.cpp refuses at the same tensor (its log names the offending one)
+    with pytest.raises(RuntimeError):
+        reference.model_quantize(default_model_path(), tmp_path / "theirs.gguf", ftype, allow_requantize=True)
+    log = "".join(reference._captured_log)
+    offending = re.search(r"offending tensor: (\S+)", log)
+    assert offending and offending[1] == err.value.tensor and offending[1] in message
