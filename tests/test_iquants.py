@@ -19,7 +19,7 @@ from llmquant.errors import FormatError
 from llmquant.formats import get_format
 from llmquant.runtime import reference
 
-LATTICE_TYPES = [Q.IQ3_XXS, Q.IQ3_S, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S]
+LATTICE_TYPES = [Q.IQ3_XXS, Q.IQ3_S, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_S, Q.IQ1_M]
 IQ_TYPES = [Q.IQ4_NL, Q.IQ4_XS, Q.TQ1_0, Q.TQ2_0, *LATTICE_TYPES]
 IMPORTANCE_KINDS = [None, "sparse_zeros", "activations", "heavy_tail"]
 QUICK_IMPORTANCE_KINDS = [None, "activations"]

@@ -1,4 +1,5 @@
-"""Importance-aware non-linear and lattice types: IQ4_NL, IQ4_XS (more to come in this module).
+"""Importance-aware non-linear and lattice types: IQ4_NL, IQ4_XS, IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS,
+IQ2_S, IQ1_S, IQ1_M.
 
 Literal numba translations of ``ggml/src/ggml-quants.c`` (llama.cpp vendored by llama-cpp-python
 0.3.36), same float32 operation order as there. Block layouts (``ggml-common.h``, bytes):
@@ -843,6 +844,371 @@ def _iq2_16(rows, out, quant_weights, grid, kmap, neighbours, is_s):
                     y[sc_off + ib // 2] |= l << 4
 
 
+# -- IQ1_S ----------------------------------------------------------------------------------------
+#
+#   block_iq1_s  d | qs[32] low 8 index bits | qh[8] u16: 4 x 3 high index bits, 3-bit scale << 12,
+#                delta sign << 15                                                             50
+# quantize_row_iq1_s_impl sorts each block's values with glibc qsort, a stable merge sort for
+# arrays this small (glibc 2.36 here); the stable argsort below orders ties the same way.
+IQ1S_DELTA = F(0.125)
+GROUP_MAX_EPS_IQ1_S = F(1e-12)
+_IQ1S_SIZE, _IQ1S_QS, _IQ1S_QH = 50, 2, 34
+
+
+@jit
+def _iq1_find_best_neighbour2(neighbours, start, grid, xval, xo, weight, scale, xg, L, lo):
+    num_neighbors = I(neighbours[start])
+    best_score = FLT_MAX
+    grid_index = -1
+    for j in range(1, num_neighbors + 1):
+        idx = I(neighbours[start + j])
+        d2 = F(0)
+        for i in range(8):
+            q = xg[(grid[idx, i] - 1) // 2]
+            w = weight[xo + i]
+            diff = scale * q - xval[xo + i]
+            d2 += w * diff * diff
+        if d2 < best_score:
+            best_score = d2
+            grid_index = idx
+    if grid_index < 0:
+        # C then scans the whole grid reading xval past the group (undefined): only non-finite input gets here
+        raise ValueError("no grid neighbour (libggml reads out of bounds, then asserts)")
+    for i in range(8):
+        L[lo + i] = (grid[grid_index, i] - 1) // 2
+    return grid_index
+
+
+@jit
+def _iq1_s(rows, out, quant_weights, grid, kmap, neighbours):
+    """quantize_iq1_s -> quantize_row_iq1_s_impl (importance required)."""
+    block_size = 32
+    x_p = np.array([F(-1) + IQ1S_DELTA, IQ1S_DELTA, F(1) + IQ1S_DELTA], np.float32)
+    x_m = np.array([F(-1) - IQ1S_DELTA, -IQ1S_DELTA, F(1) - IQ1S_DELTA], np.float32)
+    scales = np.empty(QK_K // block_size, np.float32)
+    shifts = np.empty(QK_K // block_size, np.int64)
+    weight = np.empty(block_size, np.float32)
+    sumx = np.empty(block_size + 1, np.float32)
+    sumw = np.empty(block_size + 1, np.float32)
+    L = np.zeros(block_size, np.int8)
+    index = np.zeros(block_size // 8, np.int64)
+    for r in range(rows.shape[0]):
+        for ibl in range(rows.shape[1] // QK_K):
+            y = out[r, ibl * _IQ1S_SIZE:(ibl + 1) * _IQ1S_SIZE]
+            y[:] = 0
+            qh = np.zeros(QK_K // block_size, np.int64)
+            max_scale = F(0)
+            xbl = rows[r, QK_K * ibl:QK_K * (ibl + 1)]
+            sumx2 = F(0)
+            for i in range(QK_K):
+                sumx2 += xbl[i] * xbl[i]
+            sigma2 = F(2) * sumx2 / F(QK_K)
+            for ib in range(QK_K // block_size):
+                xb = xbl[block_size * ib:block_size * (ib + 1)]
+                qo = QK_K * ibl + block_size * ib
+                for i in range(block_size):
+                    weight[i] = quant_weights[qo + i] * np.sqrt(sigma2 + xb[i] * xb[i])
+                max_ = abs(xb[0])
+                for i in range(1, block_size):
+                    v = abs(xb[i])
+                    max_ = max_ if max_ > v else v
+                if max_ < GROUP_MAX_EPS_IQ1_S:
+                    scales[ib] = F(0)
+                    shifts[ib] = 1
+                    continue
+                idx = np.argsort(xb, kind="mergesort")
+                sumx[0] = F(0)
+                sumw[0] = F(0)
+                for j in range(block_size):
+                    i = idx[j]
+                    sumx[j + 1] = sumx[j] + weight[i] * xb[i]
+                    sumw[j + 1] = sumw[j] + weight[i]
+                best_score = -FLT_MAX
+                scale = max_
+                besti1 = -1
+                besti2 = -1
+                best_shift = 0
+                for i1 in range(block_size + 1):
+                    for i2 in range(i1, block_size + 1):
+                        for sh in range(2):
+                            xx = x_p if sh == 0 else x_m
+                            sumqx = ((sumx[i1] - sumx[0]) * xx[0] + (sumx[i2] - sumx[i1]) * xx[1]
+                                     + (sumx[block_size] - sumx[i2]) * xx[2])
+                            sumq2 = ((sumw[i1] - sumw[0]) * xx[0] * xx[0] + (sumw[i2] - sumw[i1]) * xx[1] * xx[1]
+                                     + (sumw[block_size] - sumw[i2]) * xx[2] * xx[2])
+                            if sumq2 > F(0) and sumqx * sumqx > best_score * sumq2:
+                                scale = sumqx / sumq2
+                                best_score = scale * sumqx
+                                besti1 = i1
+                                besti2 = i2
+                                best_shift = 1 if sh == 0 else -1
+                if besti1 < 0 or besti2 < 0 or best_shift == 0:
+                    scales[ib] = F(0)
+                    shifts[ib] = 1
+                    continue
+                for j in range(besti1):
+                    L[idx[j]] = 0
+                for j in range(besti1, besti2):
+                    L[idx[j]] = 1
+                for j in range(besti2, block_size):
+                    L[idx[j]] = 2
+                if scale < F(0):
+                    for j in range(block_size):
+                        L[j] = 2 - L[j]
+                    scale = -scale
+                    best_shift = -best_shift
+                all_on_grid = True
+                xx = x_p if best_shift == 1 else x_m
+                for k in range(block_size // 8):
+                    u = 0
+                    for j in range(8):
+                        u |= I(L[8 * k + j]) << (2 * j)
+                    grid_index = kmap[u]
+                    if grid_index < 0:
+                        all_on_grid = False
+                        grid_index = _iq1_find_best_neighbour2(neighbours, -kmap[u] - 1, grid, xb, 8 * k, weight,
+                                                               scale, xx, L, 8 * k)
+                    index[k] = grid_index
+                if not all_on_grid:
+                    sumqx = F(0)
+                    sumq2 = F(0)
+                    for k in range(block_size // 8):
+                        for j in range(8):
+                            w = weight[8 * k + j]
+                            q = xx[(grid[index[k], j] - 1) // 2]
+                            sumqx += w * q * xb[8 * k + j]
+                            sumq2 += w * q * q
+                    if sumqx > F(0) and sumq2 > F(0):
+                        scale = sumqx / sumq2
+                h = 0
+                for k in range(block_size // 8):
+                    y[_IQ1S_QS + (block_size // 8) * ib + k] = index[k] & 255
+                    h |= (index[k] >> 8) << (3 * k)
+                qh[ib] = h
+                if not scale >= F(0):
+                    raise ValueError("GGML_ASSERT(scale >= 0)")
+                scales[ib] = scale
+                shifts[ib] = best_shift
+                max_scale = max_scale if max_scale > scale else scale
+            if max_scale != F(0):
+                d = max_scale / F(15)
+                store_fp16(y, 0, fp32_to_fp16(d * F(1.125)))
+                id_ = F(1) / d
+                for ib in range(QK_K // block_size):
+                    l = nearest_int(F(0.5) * (id_ * scales[ib] - F(1)))
+                    l = max(0, min(7, l))
+                    if shifts[ib] == -1:
+                        l |= 8
+                    qh[ib] |= l << 12
+            for ib in range(QK_K // block_size):
+                y[_IQ1S_QH + 2 * ib] = qh[ib] & 0xFF
+                y[_IQ1S_QH + 2 * ib + 1] = (qh[ib] >> 8) & 0xFF
+
+
+# -- IQ1_M ----------------------------------------------------------------------------------------
+#
+#   block_iq1_m  qs[32] low 8 index bits | qh[16] 2 x (3 high index bits, delta sign bit) |
+#                scales[8] as 4 u16: 4 x 3-bit block scales, and one nibble of the fp16 d    56
+IQ1M_DELTA = F(0.125)
+GROUP_MAX_EPS_IQ1_M = F(1e-7)
+_IQ1M_SIZE, _IQ1M_QH, _IQ1M_SCALES = 56, 32, 48
+_IQ1M_MASKS = np.array([0x00, 0x80, 0x08, 0x88], np.int64)
+
+
+@jit
+def _iq1_m_weights(xb, quant_weights, qo, sigma2, weight):
+    if quant_weights is not None:
+        for i in range(16):
+            weight[i] = quant_weights[qo + i] * np.sqrt(sigma2 + xb[i] * xb[i])
+    else:
+        for i in range(16):
+            weight[i] = xb[i] * xb[i]
+
+
+@jit
+def _iq1_m(rows, out, quant_weights, grid, kmap, neighbours):
+    """quantize_iq1_m -> quantize_row_iq1_m_impl (importance optional)."""
+    block_size = 16
+    x_p = np.array([F(-1) + IQ1M_DELTA, IQ1M_DELTA, F(1) + IQ1M_DELTA], np.float32)
+    x_m = np.array([F(-1) - IQ1M_DELTA, -IQ1M_DELTA, F(1) - IQ1M_DELTA], np.float32)
+    scales = np.empty(QK_K // block_size, np.float32)
+    shifts = np.empty(QK_K // block_size, np.int64)
+    weight = np.empty(block_size, np.float32)
+    L = np.zeros(block_size, np.int8)
+    index = np.zeros(2, np.int64)
+    px = np.zeros((2, block_size + 1), np.float32)
+    pw = np.zeros((2, block_size + 1), np.float32)
+    sumqx = np.zeros(4, np.float32)
+    sumq2 = np.zeros(4, np.float32)
+    qx_p = np.zeros(2, np.float32)
+    qx_m = np.zeros(2, np.float32)
+    q2_p = np.zeros(2, np.float32)
+    q2_m = np.zeros(2, np.float32)
+    sc = np.zeros(4, np.int64)
+    qh = np.zeros(QK_K // block_size, np.int64)
+    for r in range(rows.shape[0]):
+        for ibl in range(rows.shape[1] // QK_K):
+            y = out[r, ibl * _IQ1M_SIZE:(ibl + 1) * _IQ1M_SIZE]
+            y[:] = 0
+            qh[:] = 0
+            sc[:] = 0
+            max_scale = F(0)
+            xbl = rows[r, QK_K * ibl:QK_K * (ibl + 1)]
+            sumx2 = F(0)
+            for i in range(QK_K):
+                sumx2 += xbl[i] * xbl[i]
+            sigma2 = F(2) * sumx2 / F(QK_K)
+            for ib in range(QK_K // block_size):
+                xb = xbl[block_size * ib:block_size * (ib + 1)]
+                _iq1_m_weights(xb, quant_weights, QK_K * ibl + block_size * ib, sigma2, weight)
+                max_ = abs(xb[0])
+                for i in range(1, block_size):
+                    v = abs(xb[i])
+                    max_ = max_ if max_ > v else v
+                if max_ < GROUP_MAX_EPS_IQ1_M:
+                    scales[ib] = F(0)
+                    shifts[ib] = 0
+                    continue
+                idx = np.argsort(xb, kind="mergesort")  # glibc 2.36 qsort: stable merge sort
+                best_score = -FLT_MAX
+                scale = max_
+                besti1 = -1
+                besti2 = -1
+                best_k = -1
+                px[:, 0] = F(0)
+                pw[:, 0] = F(0)
+                for j in range(block_size):
+                    i = idx[j]
+                    h = 0 if i < block_size // 2 else 1
+                    px[h, j + 1] = px[h, j] + weight[i] * xb[i]
+                    px[1 - h, j + 1] = px[1 - h, j]
+                    pw[h, j + 1] = pw[h, j] + weight[i]
+                    pw[1 - h, j + 1] = pw[1 - h, j]
+                txs0 = px[0, block_size]
+                txs1 = px[1, block_size]
+                tws0 = pw[0, block_size]
+                tws1 = pw[1, block_size]
+                p2 = x_p[2]
+                m2 = x_m[2]
+                cp1 = x_p[0] * x_p[0] - x_p[1] * x_p[1]
+                cp2 = x_p[1] * x_p[1] - x_p[2] * x_p[2]
+                cm1 = x_m[0] * x_m[0] - x_m[1] * x_m[1]
+                cm2 = x_m[1] * x_m[1] - x_m[2] * x_m[2]
+                for i1 in range(block_size + 1):
+                    for i2 in range(i1, block_size + 1):
+                        for h in range(2):
+                            txs = txs0 if h == 0 else txs1
+                            tws = tws0 if h == 0 else tws1
+                            sx = px[h, i1] + px[h, i2]
+                            qx_p[h] = txs * p2 - sx
+                            qx_m[h] = txs * m2 - sx
+                            q2_p[h] = tws * p2 * p2 + pw[h, i1] * cp1 + pw[h, i2] * cp2
+                            q2_m[h] = tws * m2 * m2 + pw[h, i1] * cm1 + pw[h, i2] * cm2
+                        sumqx[0] = qx_p[0] + qx_p[1]
+                        sumqx[1] = qx_p[0] + qx_m[1]
+                        sumqx[2] = qx_m[0] + qx_p[1]
+                        sumqx[3] = qx_m[0] + qx_m[1]
+                        sumq2[0] = q2_p[0] + q2_p[1]
+                        sumq2[1] = q2_p[0] + q2_m[1]
+                        sumq2[2] = q2_m[0] + q2_p[1]
+                        sumq2[3] = q2_m[0] + q2_m[1]
+                        for k in range(4):
+                            if sumq2[k] > F(0) and sumqx[k] * sumqx[k] > best_score * sumq2[k]:
+                                scale = sumqx[k] / sumq2[k]
+                                best_score = scale * sumqx[k]
+                                besti1 = i1
+                                besti2 = i2
+                                best_k = k
+                if besti1 < 0 or besti2 < 0 or best_k < 0:
+                    scales[ib] = F(0)
+                    shifts[ib] = 0
+                    continue
+                for j in range(besti1):
+                    L[idx[j]] = 0
+                for j in range(besti1, besti2):
+                    L[idx[j]] = 1
+                for j in range(besti2, block_size):
+                    L[idx[j]] = 2
+                if scale < F(0):
+                    for j in range(block_size):
+                        L[j] = 2 - L[j]
+                    scale = -scale
+                    best_k = 3 - best_k
+                all_on_grid = True
+                for k in range(2):
+                    if k == 0:
+                        xx = x_p if best_k < 2 else x_m
+                    else:
+                        xx = x_p if best_k % 2 == 0 else x_m
+                    u = 0
+                    for j in range(8):
+                        u |= I(L[8 * k + j]) << (2 * j)
+                    grid_index = kmap[u]
+                    if grid_index < 0:
+                        all_on_grid = False
+                        grid_index = _iq1_find_best_neighbour2(neighbours, -kmap[u] - 1, grid, xb, 8 * k, weight,
+                                                               scale, xx, L, 8 * k)
+                    index[k] = grid_index
+                if not all_on_grid:
+                    sumqx_f = F(0)
+                    sumq2_f = F(0)
+                    for k in range(2):
+                        if k == 0:
+                            xx = x_p if best_k < 2 else x_m
+                        else:
+                            xx = x_p if best_k % 2 == 0 else x_m
+                        for j in range(8):
+                            w = weight[8 * k + j]
+                            q = xx[(grid[index[k], j] - 1) // 2]
+                            sumqx_f += w * q * xb[8 * k + j]
+                            sumq2_f += w * q * q
+                    if sumqx_f > F(0) and sumq2_f > F(0):
+                        scale = sumqx_f / sumq2_f
+                y[2 * ib] = index[0] & 255
+                y[2 * ib + 1] = index[1] & 255
+                qh[ib] = ((index[0] >> 8) | ((index[1] >> 8) << 4)) & 0xFF
+                if not scale >= F(0):
+                    raise ValueError("GGML_ASSERT(scale >= 0)")
+                scales[ib] = scale
+                shifts[ib] = best_k
+                max_scale = max_scale if max_scale > scale else scale
+            if max_scale != F(0):
+                d = max_scale / F(15)
+                id_ = F(1) / d
+                sumqx_f = F(0)
+                sumq2_f = F(0)
+                for ib in range(QK_K // block_size):
+                    l = nearest_int(F(0.5) * (id_ * scales[ib] - F(1)))
+                    l = max(0, min(7, l))
+                    sc[ib // 4] |= l << (3 * (ib % 4))
+                    qh[ib] |= _IQ1M_MASKS[shifts[ib]]
+                    xb = xbl[block_size * ib:block_size * (ib + 1)]
+                    _iq1_m_weights(xb, quant_weights, QK_K * ibl + block_size * ib, sigma2, weight)
+                    for k in range(2):
+                        if k == 0:
+                            xx = x_p if shifts[ib] < 2 else x_m
+                        else:
+                            xx = x_p if shifts[ib] % 2 == 0 else x_m
+                        gi = I(y[2 * ib + k]) + ((qh[ib] << (8 - 4 * k)) & 0x700)
+                        for j in range(8):
+                            w = weight[8 * k + j]
+                            q = xx[(grid[gi, j] - 1) // 2] * F(2 * l + 1)
+                            sumqx_f += w * q * xb[8 * k + j]
+                            sumq2_f += w * q * q
+                if sumq2_f > F(0):
+                    d = sumqx_f / sumq2_f
+                u16 = fp32_to_fp16(d * F(1.1125))
+                sc[0] |= (u16 & 0x000F) << 12
+                sc[1] |= (u16 & 0x00F0) << 8
+                sc[2] |= (u16 & 0x0F00) << 4
+                sc[3] |= u16 & 0xF000
+            for ib in range(QK_K // block_size):
+                y[_IQ1M_QH + ib] = qh[ib] & 0xFF
+            for j in range(4):
+                y[_IQ1M_SCALES + 2 * j] = sc[j] & 0xFF
+                y[_IQ1M_SCALES + 2 * j + 1] = (sc[j] >> 8) & 0xFF
+
+
 # -- the registered formats -------------------------------------------------------------------
 
 class _IQuant(QuantFormat):
@@ -913,3 +1279,22 @@ class IQ2_S(_Lattice, qtype=GGMLQuantizationType.IQ2_S):
     @staticmethod
     def _kernel(rows, out, importance, grid, kmap, neighbours):
         _iq2_16(rows, out, importance, grid, kmap, neighbours, True)
+
+
+class IQ1_S(_Lattice, qtype=GGMLQuantizationType.IQ1_S):
+    requires_importance = True
+    _kernel = staticmethod(_iq1_s)
+
+
+class IQ1_M(_Lattice, qtype=GGMLQuantizationType.IQ1_M):
+    _kernel = staticmethod(_iq1_m)
+
+    @classmethod
+    def quantize_rows(cls, rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        # the grid and neighbour lists of IQ1_S (iq2_data_index maps both to one entry)
+        out = np.empty((rows.shape[0], cls.row_size(rows.shape[1])), dtype=np.uint8)
+        try:
+            _iq1_m(rows, out, importance, *lattice(GGMLQuantizationType.IQ1_S))
+        except ValueError as err:
+            raise FormatError(f"IQ1_M: cannot quantize these values ({err}); libggml aborts on them too") from None
+        return out
