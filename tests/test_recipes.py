@@ -31,6 +31,9 @@ FTYPES = [F.ALL_F32, F.MOSTLY_F16, F.MOSTLY_BF16, F.MOSTLY_Q8_0, F.MOSTLY_Q4_0, 
           F.MOSTLY_Q5_0, F.MOSTLY_Q5_1, F.MOSTLY_Q2_K, F.MOSTLY_Q2_K_S, F.MOSTLY_Q3_K_S,
           F.MOSTLY_Q3_K_M, F.MOSTLY_Q3_K_L, F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_S,
           F.MOSTLY_Q5_K_M, F.MOSTLY_Q6_K]
+IQ_FTYPES = [F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ2_S, F.MOSTLY_IQ2_M, F.MOSTLY_IQ3_XXS,
+             F.MOSTLY_IQ3_XS, F.MOSTLY_IQ3_S, F.MOSTLY_IQ3_M, F.MOSTLY_IQ1_S, F.MOSTLY_IQ1_M,
+             F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS, F.MOSTLY_TQ1_0, F.MOSTLY_TQ2_0]
 
 
 # -- the oracle: llama.cpp's dry-run log -----------------------------------------------------------
@@ -285,6 +288,13 @@ def test_smollm2_hparams(smollm):
         assert recipes.hparams_from_fields(arch, src.fields) == hparams
 
 
+@pytest.mark.parametrize("has_imatrix", [False, True], ids=["no_imatrix", "imatrix"])
+@pytest.mark.parametrize("ftype", IQ_FTYPES, ids=recipes.ftype_name)
+def test_smollm2_iq_matches_llama_cpp(smollm, ftype, has_imatrix, tmp_path):
+    # the IQ3_XXS and IQ4 rules depend on whether an imatrix is given
+    assert_same_as_llama(smollm, ftype, RecipeOptions(allow_requantize=True, has_imatrix=has_imatrix), tmp_path)
+
+
 # -- synthetic models, every ftype -----------------------------------------------------------------
 
 @pytest.mark.parametrize("synth", SYNTHS, ids=lambda s: s.id)
@@ -292,6 +302,14 @@ def test_synthetic_matches_llama_cpp(synth_path, synth, tmp_path):
     path = synth_path(synth)
     for ftype in FTYPES:
         assert_same_as_llama(path, ftype, RecipeOptions(), tmp_path)
+
+
+@pytest.mark.parametrize("synth", SYNTHS, ids=lambda s: s.id)
+def test_synthetic_iq_matches_llama_cpp(synth_path, synth, tmp_path):
+    path = synth_path(synth)
+    for ftype in IQ_FTYPES:
+        for has_imatrix in (False, True):
+            assert_same_as_llama(path, ftype, RecipeOptions(has_imatrix=has_imatrix), tmp_path)
 
 
 @pytest.mark.parametrize("ftype", [F.MOSTLY_Q2_K, F.MOSTLY_Q2_K_S, F.MOSTLY_Q3_K_M, F.MOSTLY_Q4_K_M],
@@ -387,6 +405,9 @@ def _llama_refuses(path: Path, ftype: F, options: RecipeOptions, dst: Path) -> s
 @pytest.mark.parametrize("case,ftype,options", [
     ("q2_k_s", F.MOSTLY_Q2_K_S, RecipeOptions()),
     ("iq-override", F.MOSTLY_Q4_0, RecipeOptions(tensor_types=(("attn_output", Q.IQ2_XXS),))),
+    *((recipes.ftype_name(f), f, RecipeOptions()) for f in (
+        F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ2_S, F.MOSTLY_IQ2_M, F.MOSTLY_IQ1_S, F.MOSTLY_IQ1_M,
+        F.MOSTLY_IQ3_XXS)),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_imatrix_refusal_matches_llama_cpp(synth_path, case, ftype, options, tmp_path):
     path = synth_path(UNTIED)
@@ -452,12 +473,12 @@ def test_parse_ftype_unknown_lists_valid_names():
     with pytest.raises(UnknownTypeError) as err:
         recipes.parse_ftype("Q4_K_X")
     assert "Q4_K_M" in str(err.value) and "Q4_K_X" in str(err.value)
-    assert {recipes.ftype_name(f) for f in FTYPES} <= set(err.value.known)
+    assert {recipes.ftype_name(f) for f in FTYPES + IQ_FTYPES} <= set(err.value.known)
 
 
 def test_plan_model_refuses_uncovered_ftype():
     with pytest.raises(UnknownTypeError):
-        plan_model([], "llama", {"n_layer": 1}, F.MOSTLY_IQ2_XXS, RecipeOptions())
+        plan_model([], "llama", {"n_layer": 1}, F.MOSTLY_MXFP4_MOE, RecipeOptions())
 
 
 @pytest.mark.parametrize("target,ncols,expected", [

@@ -23,7 +23,8 @@ from .formats import get_format
 from .gguf.imatrix import importance_for_plans
 from .models import is_default_model
 from .gguf.recipes import (
-    RecipeOptions, TensorPlan, ftype_name, hparams_from_fields, plan_model, tensors_requiring_imatrix,
+    RecipeOptions, TensorPlan, ftype_name, hparams_from_fields, load_order_key, plan_model,
+    tensors_requiring_imatrix,
 )
 from .gguf.source import GGUFSource
 from .gguf.writer import AtomicGGUFWriter, check_destination, tensor_nbytes
@@ -159,6 +160,7 @@ def quantize_model(
         )
         if dry_run:
             need = [] if options.has_imatrix else tensors_requiring_imatrix(plans, ftype)
+            need.sort(key=lambda p: load_order_key(p.name))  # name the tensor a real run refuses first
             if need:
                 notes.append(
                     f"{len(need)} tensors would need an importance matrix (e.g. {need[0].name} as {need[0].type.name}): "

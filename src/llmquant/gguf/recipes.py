@@ -9,8 +9,8 @@ counters in a mutable ``quantize_state_impl`` while it walks the model in its lo
 ``TensorPlan`` per tensor, in the caller's order.
 
 Covered ftypes: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q2_K_S, Q3_K_{S,M,L},
-Q4_K_{S,M}, Q5_K_{S,M}, Q6_K. The IQ*/TQ*/MXFP4 branches of the C code only fire for ftypes
-outside that list and are left out.
+Q4_K_{S,M}, Q5_K_{S,M}, Q6_K, IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ2_M, IQ3_XXS, IQ3_XS, IQ3_S,
+IQ3_M, IQ4_NL, IQ4_XS, TQ1_0, TQ2_0. The MXFP4_MOE and Q1_0/Q2_0 branches are left out.
 """
 
 from __future__ import annotations
@@ -50,6 +50,20 @@ DEFAULT_TYPE: dict[LlamaFileType, GGMLQuantizationType] = {
     F.MOSTLY_Q5_K_S: Q.Q5_K,
     F.MOSTLY_Q5_K_M: Q.Q5_K,
     F.MOSTLY_Q6_K: Q.Q6_K,
+    F.MOSTLY_IQ2_XXS: Q.IQ2_XXS,
+    F.MOSTLY_IQ2_XS: Q.IQ2_XS,
+    F.MOSTLY_IQ2_S: Q.IQ2_XS,
+    F.MOSTLY_IQ2_M: Q.IQ2_S,
+    F.MOSTLY_IQ3_XXS: Q.IQ3_XXS,
+    F.MOSTLY_IQ3_XS: Q.IQ3_S,
+    F.MOSTLY_IQ3_S: Q.IQ3_S,
+    F.MOSTLY_IQ3_M: Q.IQ3_S,
+    F.MOSTLY_IQ1_S: Q.IQ1_S,
+    F.MOSTLY_IQ1_M: Q.IQ1_M,
+    F.MOSTLY_IQ4_NL: Q.IQ4_NL,
+    F.MOSTLY_IQ4_XS: Q.IQ4_XS,
+    F.MOSTLY_TQ1_0: Q.TQ1_0,
+    F.MOSTLY_TQ2_0: Q.TQ2_0,
 }
 
 # names as llama-quantize spells them (QUANT_OPTIONS in tools/quantize/quantize.cpp), with its aliases
@@ -61,6 +75,10 @@ FTYPE_NAMES: dict[str, LlamaFileType] = {
     "Q4_K_S": F.MOSTLY_Q4_K_S, "Q4_K_M": F.MOSTLY_Q4_K_M,
     "Q5_K_S": F.MOSTLY_Q5_K_S, "Q5_K_M": F.MOSTLY_Q5_K_M, "Q6_K": F.MOSTLY_Q6_K,
     "Q3_K": F.MOSTLY_Q3_K_M, "Q4_K": F.MOSTLY_Q4_K_M, "Q5_K": F.MOSTLY_Q5_K_M,
+    "IQ2_XXS": F.MOSTLY_IQ2_XXS, "IQ2_XS": F.MOSTLY_IQ2_XS, "IQ2_S": F.MOSTLY_IQ2_S, "IQ2_M": F.MOSTLY_IQ2_M,
+    "IQ1_S": F.MOSTLY_IQ1_S, "IQ1_M": F.MOSTLY_IQ1_M, "TQ1_0": F.MOSTLY_TQ1_0, "TQ2_0": F.MOSTLY_TQ2_0,
+    "IQ3_XXS": F.MOSTLY_IQ3_XXS, "IQ3_XS": F.MOSTLY_IQ3_XS, "IQ3_S": F.MOSTLY_IQ3_S, "IQ3_M": F.MOSTLY_IQ3_M,
+    "IQ4_NL": F.MOSTLY_IQ4_NL, "IQ4_XS": F.MOSTLY_IQ4_XS,
 }
 
 
@@ -334,16 +352,29 @@ class _At:
     gqa: int
     falcon: bool
     has_imatrix: bool
+    n_expert: int = 0
 
 
 _Rule = Callable[[_At], "GGMLQuantizationType | None"]  # None = keep the ftype's default type
 
+
+def _gqa4(t: GGMLQuantizationType) -> _Rule:
+    """``t`` for models with grouped-query attention of 4 or more, else the default."""
+    return lambda a: t if a.gqa >= 4 else None
+
+
 # attn_v / attn_qkv / attn_kv_b: i counts these tensors in load order, n is their number
 _ATTN_V_RULES: dict[LlamaFileType, _Rule] = {
     F.MOSTLY_Q2_K: lambda a: Q.Q4_K if a.gqa >= 4 else Q.Q3_K,
-    F.MOSTLY_Q2_K_S: lambda a: Q.Q4_K if a.gqa >= 4 else None,
+    F.MOSTLY_Q2_K_S: _gqa4(Q.Q4_K),
+    F.MOSTLY_IQ3_XXS: lambda a: Q.Q4_K if a.gqa >= 4 else Q.IQ3_S if not a.has_imatrix else Q.IQ3_XXS,
+    F.MOSTLY_IQ3_XS: _gqa4(Q.Q4_K),
+    F.MOSTLY_IQ3_S: _gqa4(Q.Q4_K),
+    F.MOSTLY_IQ3_M: lambda a: Q.Q4_K,
     F.MOSTLY_Q3_K_M: lambda a: Q.Q5_K if a.i < 2 else Q.Q4_K,
     F.MOSTLY_Q3_K_L: lambda a: Q.Q5_K,
+    F.MOSTLY_IQ4_NL: _gqa4(Q.Q5_K),
+    F.MOSTLY_IQ4_XS: _gqa4(Q.Q5_K),
     F.MOSTLY_Q4_K_M: lambda a: Q.Q6_K if use_more_bits(a.i, a.n) else None,
     F.MOSTLY_Q5_K_M: lambda a: Q.Q6_K if use_more_bits(a.i, a.n) else None,
     F.MOSTLY_Q4_K_S: lambda a: Q.Q5_K if a.i < 4 else None,
@@ -353,11 +384,17 @@ _ATTN_V_RULES: dict[LlamaFileType, _Rule] = {
 _FFN_DOWN_RULES: dict[LlamaFileType, _Rule] = {
     F.MOSTLY_Q2_K: lambda a: Q.Q3_K,
     F.MOSTLY_Q2_K_S: lambda a: Q.Q4_K if a.i < a.n // 8 else None,
+    F.MOSTLY_IQ3_XXS: lambda a: None if a.has_imatrix else Q.Q4_K if a.i < a.n // 8 else Q.Q3_K,
     F.MOSTLY_Q3_K_M: lambda a: (Q.Q5_K if a.i < a.n // 16
                                 else Q.Q4_K if not a.falcon or use_more_bits(a.i, a.n) else Q.Q3_K),
+    F.MOSTLY_IQ3_M: lambda a: (Q.Q4_K if a.i < a.n // 8 or (a.n_expert == 8 and use_more_bits(a.i, a.n))
+                               else None),
     F.MOSTLY_Q3_K_L: lambda a: Q.Q4_K if a.falcon else Q.Q5_K,
     F.MOSTLY_Q4_K_M: lambda a: ((Q.Q6_K if a.i < a.n // 16 else Q.Q5_K if use_more_bits(a.i, a.n) else Q.Q4_K)
                                 if a.falcon else Q.Q6_K if use_more_bits(a.i, a.n) else None),
+    # IQ4 without an imatrix: the first eighth of ffn_down gets Q5_K
+    F.MOSTLY_IQ4_NL: lambda a: Q.Q5_K if a.i < a.n // 8 and not a.has_imatrix else None,
+    F.MOSTLY_IQ4_XS: lambda a: Q.Q5_K if a.i < a.n // 8 and not a.has_imatrix else None,
     F.MOSTLY_Q5_K_M: lambda a: Q.Q6_K if use_more_bits(a.i, a.n) else None,
     F.MOSTLY_Q4_K_S: lambda a: Q.Q5_K if not a.falcon and a.i < a.n // 8 else None,
     # with an imatrix only, so that one can always reproduce the pre-imatrix Q4_0/Q5_0
@@ -365,12 +402,51 @@ _FFN_DOWN_RULES: dict[LlamaFileType, _Rule] = {
     F.MOSTLY_Q5_0: lambda a: Q.Q5_1 if a.has_imatrix and a.i < a.n // 8 else None,
 }
 
+# attn_k and attn_q (no experts): IQ3_XS / IQ3_XXS spend fewer bits there
+_ATTN_K_Q: dict[LlamaFileType, GGMLQuantizationType] = {F.MOSTLY_IQ3_XS: Q.IQ3_XXS, F.MOSTLY_IQ3_XXS: Q.IQ2_S}
+
+# ffn_gate / ffn_up of IQ3_XS: IQ3_XXS in the middle three quarters of the layers
+_FFN_GATE_UP_RULES: dict[LlamaFileType, _Rule] = {
+    F.MOSTLY_IQ3_XS: lambda a: Q.IQ3_XXS if a.n // 8 <= a.i < 7 * a.n // 8 else None,
+}
+
 # attn_output, by model kind
 _ATTN_OUTPUT: dict[str, dict[LlamaFileType, GGMLQuantizationType]] = {
-    "dense": {F.MOSTLY_Q2_K: Q.Q3_K, F.MOSTLY_Q3_K_M: Q.Q4_K, F.MOSTLY_Q3_K_L: Q.Q5_K},
-    "8 experts": {f: Q.Q5_K for f in (F.MOSTLY_Q2_K, F.MOSTLY_Q3_K_S, F.MOSTLY_Q3_K_M,
-                                      F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M)},
+    "dense": {F.MOSTLY_Q2_K: Q.Q3_K, F.MOSTLY_IQ3_XXS: Q.IQ3_S, F.MOSTLY_Q3_K_M: Q.Q4_K,
+              F.MOSTLY_Q3_K_L: Q.Q5_K, F.MOSTLY_IQ3_M: Q.Q4_K},
+    "8 experts": {f: Q.Q5_K for f in (F.MOSTLY_Q2_K, F.MOSTLY_IQ3_XS, F.MOSTLY_IQ3_XXS, F.MOSTLY_Q3_K_S,
+                                      F.MOSTLY_Q3_K_M, F.MOSTLY_IQ4_NL, F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M,
+                                      F.MOSTLY_IQ3_S, F.MOSTLY_IQ3_M, F.MOSTLY_IQ4_XS)},
     "falcon": {F.MOSTLY_Q3_K_L: Q.Q4_K},
+}
+
+# output (and a tied token_embd) of the 1- and 2-bit IQ ftypes and IQ3_XXS: Q5_K instead of Q6_K
+_OUTPUT_Q5_K = frozenset({F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ3_XXS, F.MOSTLY_IQ1_S,
+                          F.MOSTLY_IQ2_S, F.MOSTLY_IQ2_M, F.MOSTLY_IQ1_M})
+
+# token_embd of an untied model
+_TOKEN_EMBD: dict[LlamaFileType, GGMLQuantizationType] = {
+    **{f: Q.Q2_K for f in (F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ1_S, F.MOSTLY_IQ1_M)},
+    **{f: Q.IQ3_S for f in (F.MOSTLY_IQ2_S, F.MOSTLY_IQ2_M, F.MOSTLY_IQ3_XXS)},
+    **{f: Q.Q4_K for f in (F.MOSTLY_TQ1_0, F.MOSTLY_TQ2_0)},
+}
+
+
+@dataclass(frozen=True)
+class _LowBit:
+    """The 1- and 2-bit IQ ftypes share one rule set, tried before the per-category rules:
+    what attn_v-like tensors and the first eighth of ffn_down get (``bump``), and attn_output."""
+    bump: GGMLQuantizationType
+    attn_output: GGMLQuantizationType | None
+
+
+_LOW_BIT: dict[LlamaFileType, _LowBit] = {
+    F.MOSTLY_IQ2_XXS: _LowBit(Q.Q2_K, None),
+    F.MOSTLY_IQ2_XS: _LowBit(Q.Q2_K, None),
+    F.MOSTLY_IQ1_S: _LowBit(Q.Q2_K, Q.IQ2_XXS),
+    F.MOSTLY_IQ1_M: _LowBit(Q.Q2_K, Q.IQ2_XXS),
+    F.MOSTLY_IQ2_S: _LowBit(Q.IQ3_S, Q.IQ3_S),
+    F.MOSTLY_IQ2_M: _LowBit(Q.IQ3_S, Q.IQ3_S),
 }
 
 
@@ -401,6 +477,32 @@ class _Walk:
             i_layer = parsed
         return i_layer, n_layer
 
+    def _at(self, i: int, n: int) -> _At:
+        return _At(i, n, self.hp.n_gqa, self.arch == "falcon", self.options.has_imatrix, self.hp.n_expert)
+
+    def low_bit(self, cat: Category, default: GGMLQuantizationType, rules: _LowBit
+                ) -> tuple[GGMLQuantizationType, str]:
+        """The 1-/2-bit IQ branch of llama_tensor_get_type_impl (plain counters, no layer parsing)."""
+        hp, base = self.hp, f"{self.fname} default {default.name}"
+        if cat in _ATTN_V_LIKE:
+            i = self.i_attention_wv
+            self.i_attention_wv += 1
+            t = Q.Q4_K if hp.n_gqa >= 4 or hp.n_expert >= 4 else rules.bump
+            return t, f"{self.fname} {cat.value} #{i} -> {t.name}"
+        if hp.n_expert == 8 and cat == Category.ATTN_K:
+            return Q.Q4_K, f"{self.fname} attn_k, 8 experts -> Q4_K"
+        if cat == Category.FFN_DOWN:
+            i = self.i_ffn[cat]
+            self.i_ffn[cat] += 1
+            if i < hp.n_layer // 8:
+                return rules.bump, f"{self.fname} ffn_down #{i} of {hp.n_layer} -> {rules.bump.name}"
+            return default, base
+        if cat == Category.ATTN_OUTPUT:
+            t = Q.Q5_K if hp.n_expert == 8 else rules.attn_output
+            if t is not None:
+                return t, f"{self.fname} attn_output -> {t.name}"
+        return default, base
+
     def mixture(self, name: str, ncols: int, cat: Category, default: GGMLQuantizationType
                 ) -> tuple[GGMLQuantizationType, str]:
         """llama_tensor_get_type_impl for the covered ftypes: (type, why)."""
@@ -417,13 +519,22 @@ class _Walk:
                 return t, f"{what}: output_tensor_type={t.name}"
             if self.arch == "falcon" or ncols % block_size(default) != 0:
                 return Q.Q8_0, f"{what}: Q8_0"
+            if f in _OUTPUT_Q5_K:
+                return Q.Q5_K, f"{what}: Q5_K"
             if default != Q.Q8_0:
                 return Q.Q6_K, f"{what}: Q6_K"
             return default, f"{what}: {default.name}"
 
+        if cat == Category.TOKEN_EMBD:
+            t = self.options.token_embedding_type
+            t = _TOKEN_EMBD.get(f) if t is None else t
+            return (t, f"{self.fname} token_embd -> {t.name}") if t is not None else (default, base)
+
+        if f in _LOW_BIT:
+            return self.low_bit(cat, default, _LOW_BIT[f])
+
         if cat in _ATTN_V_LIKE:
-            at = _At(self.i_attention_wv, self.n_attention_wv, hp.n_gqa, self.arch == "falcon",
-                     self.options.has_imatrix)
+            at = self._at(self.i_attention_wv, self.n_attention_wv)
             self.i_attention_wv += 1
             rule = _ATTN_V_RULES.get(f)
             chosen = rule(at) if rule is not None else None
@@ -436,19 +547,20 @@ class _Walk:
                 t, why = Q.Q8_0, f"{why}; 8 experts {cat.value} -> Q8_0"
             return t, why
 
-        if cat == Category.ATTN_K:
-            if hp.n_expert == 8:
-                return Q.Q8_0, f"{self.fname} attn_k, 8 experts -> Q8_0"
-            return default, base
+        if cat == Category.ATTN_K and hp.n_expert == 8:
+            return Q.Q8_0, f"{self.fname} attn_k, 8 experts -> Q8_0"
+        if cat in (Category.ATTN_K, Category.ATTN_Q):
+            t = _ATTN_K_Q.get(f)
+            return (t, f"{self.fname} {cat.value} -> {t.name}") if t is not None else (default, base)
 
         if cat in self.i_ffn:
             i_layer, n_layer = self.layer(cat, name)
             self.i_ffn[cat] += 1
-            if cat == Category.FFN_DOWN and f in _FFN_DOWN_RULES:
-                at = _At(i_layer, n_layer, hp.n_gqa, self.arch == "falcon", self.options.has_imatrix)
-                down = _FFN_DOWN_RULES[f](at)
-                if down is not None:
-                    return down, f"{self.fname} ffn_down layer {i_layer} of {n_layer} -> {down.name}"
+            rules = _FFN_DOWN_RULES if cat == Category.FFN_DOWN else _FFN_GATE_UP_RULES
+            if f in rules:
+                chosen = rules[f](self._at(i_layer, n_layer))
+                if chosen is not None:
+                    return chosen, f"{self.fname} {cat.value} layer {i_layer} of {n_layer} -> {chosen.name}"
             return default, base
 
         if cat == Category.ATTN_OUTPUT:
