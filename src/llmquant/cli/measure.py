@@ -80,29 +80,36 @@ def ladder(
 @app.command("eval")
 def eval_(
     model: ModelArg = None,
-    base: Annotated[Optional[str], typer.Option("--base", help="Reference GGUF for KL divergence (ideally the F32/F16 rendering).")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="Reference for KL divergence: a GGUF (ideally the F32/F16 rendering) or an HF folder; its tokenizer tokenizes the text.")] = None,
     text: Annotated[Optional[str], typer.Option("--text", help="Text file, or folder of .txt/.md files; default: the built-in text.")] = None,
     ctx: Annotated[int, typer.Option("--ctx", "-c", help="Tokens per chunk; the second half of each chunk is scored.")] = 512,
     chunks: Annotated[Optional[int], typer.Option("--chunks", min=1, help="Evaluate at most N chunks (default: all).")] = None,
+    load: Annotated[Optional[str], typer.Option("--load", help="Quantize an HF folder at load time: nf4 (bitsandbytes NF4, double quant, 64-blocks, fp32 compute).")] = None,
+    runtime: Annotated[str, typer.Option("--runtime", help="auto: llama.cpp for a GGUF, transformers for an HF folder; llama: run an HF folder in llama.cpp as an F32 GGUF made on the fly (dequantized first if quantized); torch.")] = "auto",
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow HF folders whose weights are PyTorch .bin pickles (loaded with weights_only=True).")] = False,
     threads: ThreadsOpt = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Perplexity and, with --base, KL divergence, same top token and Δp: llama-perplexity's numbers."""
-    from ..measure.eval import evaluate
+    """Perplexity and, with --base, KL divergence, same top token and Δp: llama-perplexity's numbers.
+    MODEL and BASE may each be a GGUF or a Hugging Face folder (the [hf] extra runs those)."""
+    from ..measure.eval import ModelRef, evaluate
     from ..store import resolve_model
 
     path = resolve_model(model)
     base_path = resolve_model(base) if base is not None else None
+    ref = ModelRef(path, load=load, runtime=runtime, allow_pickle=allow_pickle)
+    base_ref = ModelRef(base_path, allow_pickle=allow_pickle) if base_path is not None else None
     opts = dict(text=text, ctx=ctx, chunks=chunks, threads=threads or None)
     if as_json:
-        result = evaluate(path, base_path, **opts)
+        result = evaluate(ref, base_ref, **opts)
     else:
         with _TensorProgress("evaluate") as bar:
-            result = evaluate(path, base_path, **opts, progress=lambda done, n: bar(done, n, f"chunk {done} of {n}"))
+            result = evaluate(ref, base_ref, **opts, progress=lambda done, n: bar(done, n, f"chunk {done} of {n}"))
     if as_json:
         _print_json(result.to_dict())
         return
-    t = Table(title=f"{path.name}" + (f" vs {base_path.name}" if base_path else ""))
+    t = Table(title=f"{path.name}" + (f" ({result.model_format}, {result.runtime})" if path.is_dir() else "")
+              + (f" vs {base_path.name}" if base_path else ""))
     t.add_column("statistic")
     t.add_column("value", justify="right")
     t.add_row("PPL(Q)", f"{result.ppl:.4f} ± {result.ppl_err:.4f}")

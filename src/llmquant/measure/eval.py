@@ -19,6 +19,12 @@ them with llama-perplexity's error formulas) and the orchestration (``evaluate``
 ``evaluate_many``), which runs the base and every model over the same chunk in lockstep so that
 memory holds one chunk of logits per model whatever the length of the text.
 
+Models are GGUF files (run by llama.cpp) or Hugging Face folders (run by transformers through
+runtime/torch.py, optionally quantized at load time with ``load="nf4"``, or through llama.cpp as an
+F32 GGUF made on the fly — dequantized first when the checkpoint is weight-only quantized). Any two
+compare: the text is tokenized once by the base's tokenizer and the same ids feed every model, after
+a check that the vocabularies are the same (same size, same token texts).
+
 By default the base distribution is used exactly (float64 from the float32 logits). llama-perplexity
 stores it between its two runs as 16-bit log-probabilities, floored at max - 16, and skips
 log p <= -16 in the KLD sum; ``llama_compat=True`` reproduces that storage too (bench/eval_parity.py
@@ -404,6 +410,8 @@ class EvalResult:
     seconds: float = 0.0  # this model's decoding + statistics
     tokens_per_second: float = 0.0  # tokens decoded by this model per second of ``seconds``
     base_seconds: float | None = None  # the base's decoding + statistics (shared by evaluate_many)
+    model_format: str | None = None  # GGUF file type, or the HF folder's format (F32, NF4, compressed-tensors W4A16 g64)
+    runtime: str = "llama.cpp"  # what computed this model's logits: llama.cpp or transformers
     wall_seconds: float = 0.0  # the whole call: loading, tokenizing, every model
     notes: list[str] = field(default_factory=list)
 
@@ -462,16 +470,57 @@ def chunk_layout(n_tokens: int, ctx: int, chunks: int | None) -> int:
     return n_chunk if chunks is None else min(chunks, n_chunk)
 
 
-def evaluate(model: str | Path, base: str | Path | None = None, text: str | Path | None = None, ctx: int = 512,
+@dataclass(frozen=True)
+class ModelRef:
+    """A model to evaluate and how to run it. ``path``: a GGUF file or an HF folder. ``load``: "nf4"
+    quantizes an HF folder at load time (bitsandbytes). ``runtime``: "auto" (llama.cpp for a GGUF,
+    transformers for an HF folder), "torch", or "llama" (an HF folder converted to an F32 GGUF on the
+    fly, its weights dequantized first when the checkpoint is quantized: the fast path)."""
+
+    path: Path
+    load: str | None = None
+    runtime: str = "auto"
+    allow_pickle: bool = False
+
+    @property
+    def is_hf(self) -> bool:
+        return self.path.is_dir()
+
+    @property
+    def uses_torch(self) -> bool:
+        return self.is_hf and self.runtime in ("auto", "torch")
+
+
+ModelSpec = str | Path | ModelRef
+
+
+def as_ref(spec: ModelSpec) -> ModelRef:
+    if isinstance(spec, ModelRef):
+        ref = spec
+    else:
+        ref = ModelRef(Path(spec))
+    if ref.runtime not in ("auto", "torch", "llama"):
+        raise EvalError(f"runtime must be auto, torch or llama, got {ref.runtime!r}", ref.runtime)
+    if ref.load is not None and ref.load != "nf4":
+        raise EvalError(f"unknown --load {ref.load!r}; expected nf4", ref.load)
+    if ref.load is not None and not ref.is_hf:
+        raise EvalError(f"--load {ref.load} quantizes a Hugging Face folder at load time; {ref.path.name} is not one", ref.path)
+    if ref.load is not None and not ref.uses_torch:
+        raise EvalError(f"--load {ref.load} runs in transformers; it cannot be combined with the llama.cpp runtime", ref.load)
+    return ref
+
+
+def evaluate(model: ModelSpec, base: ModelSpec | None = None, text: str | Path | None = None, ctx: int = 512,
              chunks: int | None = None, threads: int | None = None, *,
              progress: Callable[[int, int], None] | None = None, llama_compat: bool = False) -> EvalResult:
     """Perplexity of ``model`` over ``text`` and, with ``base``, the KL-divergence statistics of
-    ``model`` against ``base`` (llama-perplexity --kl-divergence)."""
-    return _evaluate([Path(model)], Path(base) if base is not None else None, text, ctx, chunks, threads,
+    ``model`` against ``base`` (llama-perplexity --kl-divergence). Either may be a GGUF or an HF
+    folder (see ``ModelRef``)."""
+    return _evaluate([as_ref(model)], as_ref(base) if base is not None else None, text, ctx, chunks, threads,
                      progress, llama_compat)[0]
 
 
-def evaluate_many(models: Sequence[str | Path], base: str | Path, text: str | Path | None = None, ctx: int = 512,
+def evaluate_many(models: Sequence[ModelSpec], base: ModelSpec, text: str | Path | None = None, ctx: int = 512,
                   chunks: int | None = None, threads: int | None = None, *,
                   progress: Callable[[int, int], None] | None = None,
                   llama_compat: bool = False) -> list[EvalResult]:
@@ -479,7 +528,7 @@ def evaluate_many(models: Sequence[str | Path], base: str | Path, text: str | Pa
     over the same chunk right after, so memory holds one chunk of logits per model."""
     if not models:
         return []
-    return _evaluate([Path(m) for m in models], Path(base), text, ctx, chunks, threads, progress, llama_compat)
+    return _evaluate([as_ref(m) for m in models], as_ref(base), text, ctx, chunks, threads, progress, llama_compat)
 
 
 def _check_file(path: Path, ctx: int) -> tuple[str | None, bool]:
@@ -496,8 +545,40 @@ def _check_file(path: Path, ctx: int) -> tuple[str | None, bool]:
                 src.is_quantized)
 
 
-def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks: int | None,
+def _check_model(ref: ModelRef, ctx: int) -> tuple[str | None, bool]:
+    """``_check_file`` for a GGUF; for an HF folder the same checks from its config.json."""
+    if not ref.is_hf:
+        return _check_file(ref.path, ctx)
+    from ..runtime.torch import describe, inspect_folder
+
+    info = inspect_folder(ref.path, allow_pickle=ref.allow_pickle)
+    n_train = info.max_positions
+    if n_train is not None and ctx > n_train:
+        raise EvalError(f"ctx {ctx} exceeds the {n_train} tokens {ref.path.name} was trained on", ctx)
+    return describe(info, ref.load), info.method is not None or ref.load is not None
+
+
+def _as_gguf(ref: ModelRef, work: Path, threads: int) -> Path:
+    """An HF folder as an F32 GGUF for llama.cpp; a quantized checkpoint's weights dequantized first."""
+    from ..convert import convert_model
+    from ..runtime.torch import inspect_folder, write_dequantized
+
+    folder = ref.path
+    if inspect_folder(folder, allow_pickle=ref.allow_pickle).method is not None:
+        folder = write_dequantized(ref.path, work / f"{ref.path.name}-dequantized", allow_pickle=ref.allow_pickle)
+    dst = work / f"{ref.path.name}-F32.gguf"
+    convert_model(folder, dst, "f32", threads=threads, allow_pickle=ref.allow_pickle)
+    if folder != ref.path:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+    return dst
+
+
+def _evaluate(refs: list[ModelRef], base_ref: ModelRef | None, text, ctx: int, chunks: int | None,
               threads: int | None, progress, llama_compat: bool) -> list[EvalResult]:
+    import tempfile
+
     from ..system import default_threads
     from ..runtime.llama import Model
 
@@ -505,16 +586,26 @@ def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks:
     check_ctx(ctx)
     content, text_name = load_text(text)
     n_threads = default_threads(threads)
+    paths = [r.path for r in refs]
+    base_path = base_ref.path if base_ref is not None else None
     with contextlib.ExitStack() as stack:
-        def load(path: Path) -> Model:
+        def load(ref: ModelRef):
+            if ref.uses_torch:
+                from ..runtime.torch import TorchModel
+
+                return stack.enter_context(TorchModel(ref.path, load=ref.load, threads=n_threads,
+                                                      allow_pickle=ref.allow_pickle))
+            path = ref.path
+            if ref.is_hf:
+                work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llmquant-eval-")))
+                path = _as_gguf(ref, work, n_threads)
             return stack.enter_context(Model(path, n_ctx=ctx, n_batch=ctx, threads=n_threads, flash_attn=FLASH_ATTN))
 
-        for path in paths:
-            _check_file(path, ctx)
-        base_type, base_quantized = _check_file(base_path, ctx) if base_path is not None else (None, None)
+        kinds = [_check_model(r, ctx) for r in refs]
+        base_type, base_quantized = _check_model(base_ref, ctx) if base_ref is not None else (None, None)
 
-        base = load(base_path) if base_path is not None else None
-        models = [load(p) for p in paths]
+        base = load(base_ref) if base_ref is not None else None
+        models = [load(r) for r in refs]
         if base is not None:
             digest = None
             for path, m in zip(paths, models):
@@ -525,10 +616,11 @@ def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks:
                         f"{path.name} and the base {base_path.name} have different vocabularies "
                         f"({m.n_vocab} vs {base.n_vocab} tokens{', different token texts' if m.n_vocab == base.n_vocab else ''}); "
                         "KL divergence needs the same tokenizer", path)
-        tokens = np.asarray(models[0].tokenize(content, add_bos=True), dtype=np.int32)
+        tokenizer = base if base is not None else models[0]  # one tokenizer (the base's) for every model
+        tokens = np.asarray(tokenizer.tokenize(content, add_bos=True), dtype=np.int32)
         n_chunk = chunk_layout(len(tokens), ctx, chunks)
         first = ctx // 2
-        add_bos, bos = models[0].add_bos, models[0].bos
+        add_bos, bos = tokenizer.add_bos, tokenizer.bos
 
         stats = [Statistics() for _ in models]
         seconds = [0.0 for _ in models]
@@ -560,9 +652,13 @@ def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks:
 
     wall = time.perf_counter() - t_start
     results = []
-    for path, s, sec in zip(paths, stats, seconds):
+    for ref, (kind, _), s, sec in zip(refs, kinds, stats, seconds):
+        path = ref.path
         summary = s.summary()
         notes = []
+        if ref.is_hf and not ref.uses_torch:
+            notes.append(f"{path.name} ran in llama.cpp as an F32 GGUF made from its "
+                         + ("dequantized weights" if kind not in ("F32", "F16", "BF16") else "weights"))
         if base_quantized:
             notes.append(f"the base {base_path.name} is itself quantized ({base_type}): KLD and ΔPPL "
                          "measure the distance to it, not to the original weights")
@@ -572,6 +668,7 @@ def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks:
             base_file_type=base_type, base_is_quantized=base_quantized, llama_compat=llama_compat,
             threads=n_threads, seconds=sec, tokens_per_second=n_chunk * ctx / sec if sec > 0 else 0.0,
             base_seconds=base_seconds if base is not None else None, wall_seconds=wall, notes=notes,
+            model_format=kind, runtime="transformers" if ref.uses_torch else "llama.cpp",
         ))
     return results
 
