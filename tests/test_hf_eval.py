@@ -105,13 +105,13 @@ def test_different_vocabularies_are_refused(hf_smollm, tmp_path):
     hf = _tiny_hf(tmp_path / "hf-tiny", hf_smollm)
     with pytest.raises(EvalError, match=r"tiny.gguf and the base hf-tiny have different vocabularies \(128 vs 49152 tokens\)"):
         evaluate(tiny, base=hf, ctx=32, threads=2)
-    # same size, one token text changed
+    # same size, two token ids swapped: the same strings, other ids
     other = tmp_path / "hf-other"
     shutil.copytree(hf, other)
     tok = json.loads((other / "tokenizer.json").read_text())
     vocab = tok["model"]["vocab"]
-    name = next(t for t, i in vocab.items() if i == 49151)
-    vocab["XYZZY-not-a-token"] = vocab.pop(name)
+    a, b = (next(t for t, i in vocab.items() if i == k) for k in (49150, 49151))
+    vocab[a], vocab[b] = vocab[b], vocab[a]
     (other / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(EvalError, match="different vocabularies \\(49152 vs 49152 tokens, different token texts\\)"):
         evaluate(other, base=hf, ctx=32, threads=2)
@@ -183,3 +183,44 @@ def test_missing_hf_extra_is_a_one_line_hint(tmp_path, monkeypatch):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].endswith("pip install 'llmquant[hf]'"), proc.stderr
+
+
+# -- the format comparison in the ladder ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_ladder_compares_formats_in_one_table(hf_smollm, tmp_path):
+    from llmquant.measure.ladder import run_ladder
+    from llmquant.measure.report import columns, markdown, rows, write_all
+
+    out = tmp_path / "ladder"
+    r = run_ladder(hf_smollm, rungs=("Q4_0",), out_dir=out, ctx=CTX, chunks=2, threads=2, formats=("gguf", "nf4"))
+    assert [(x.name, x.format, x.runtime) for x in r.rungs] == [("Q4_0", "gguf", "llama.cpp"), ("NF4", "nf4", "transformers")]
+    q4, nf4 = r.rungs
+    assert r.base_type == "F32" and q4.eval["base_ppl"] == pytest.approx(nf4.eval["base_ppl"])  # one base, same tokens
+    assert nf4.eval["n_tokens_scored"] == q4.eval["n_tokens_scored"]
+    assert nf4.eval["kld_mean"] > 0.02 and nf4.memory_bytes < nf4.file_bytes * 1.1
+    assert 4.0 < nf4.bits_per_weight < 12.0  # 4-bit matrices plus fp32 embeddings
+    assert nf4.speed["pp_tps"] > 0 and nf4.speed["tg_tps"] > 0 and nf4.speed["peak_rss"] > nf4.memory_bytes
+    assert "transformers" in nf4.engines and "Ollama" in q4.engines
+    assert (Path(nf4.path) / "config.json").is_file()
+    cols = columns(r)
+    assert cols[:4] == ("rung", "format", "size", "in memory") and cols[-1] == "runs in"
+    assert all(len(row) == len(cols) for row in rows(r))
+    assert any("blocks of 64" in n for n in r.notes)
+    paths = write_all(r, out)
+    assert "| NF4 | nf4 (transformers) |" in markdown(r) and Path(paths["png"]).stat().st_size > 10_000
+
+
+def test_formats_are_checked():
+    from llmquant.errors import UnknownTypeError
+    from llmquant.measure.formats import default_group_size, parse_formats
+
+    assert parse_formats("gguf, NF4") == ("gguf", "nf4")
+    with pytest.raises(UnknownTypeError, match="unknown type 'int3'"):
+        parse_formats("gguf,int3")
+    with pytest.raises(UnknownTypeError, match="gptq: needs llmquant's GPTQ/AWQ exporter"):
+        parse_formats("gptq")
+    # SmolLM2: hidden 576 (not a multiple of 128), intermediate 1536
+    assert default_group_size([576, 1536])[0] == 64
+    assert "576" in default_group_size([576, 1536])[1]
+    assert default_group_size([4096, 14336]) == (128, "group size 128: every matrix width is a multiple of 128")

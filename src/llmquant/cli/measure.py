@@ -34,6 +34,7 @@ def ladder(
     fit_ctx: Annotated[Optional[int], typer.Option("--fit-ctx", help="Context for the memory fit (default: trained, max 8192).")] = None,
     machine: Annotated[str, typer.Option("--machine", help="Machine to fit on (see llmquant fit --machine list).")] = "this",
     threads: ThreadsOpt = 0,
+    formats: Annotated[str, typer.Option("--formats", help="With an HF folder as MODEL: compare formats in one table, e.g. gguf,nf4 (gguf = the --rungs).")] = "gguf",
     name: Annotated[Optional[str], typer.Option("--name", help="Also store every rung as NAME[:TAG]-RUNG (e.g. smollm2:135m -> smollm2:135m-q4_k_m).", show_default=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -56,13 +57,13 @@ def ladder(
 
         result = run_ladder(model, rungs=names, out_dir=out_dir, text=text, ctx=ctx, chunks=chunks,
                             threads=threads or None, speed=not no_speed, fit_ctx=fit_ctx, machine=machine,
-                            step=step)
+                            step=step, formats=tuple(formats.split(",")))
     paths = write_all(result, out_dir)
     stored = []
     if name:
         from ..store import register, rung_name
 
-        stored = [register(r.path, rung_name(name, r.name)).name for r in result.rungs]
+        stored = [register(r.path, rung_name(name, r.name)).name for r in result.rungs if r.format == "gguf"]
     if as_json:
         _print_json({**result.to_dict(), "outputs": paths, **({"stored_as": stored} if stored else {})})
         return

@@ -39,6 +39,10 @@ class RungResult:
     eval: dict = field(default_factory=dict)
     speed: dict = field(default_factory=dict)
     fit: dict = field(default_factory=dict)  # llmquant fit's row for this rung on this machine
+    format: str = "gguf"  # gguf, nf4 (measure/formats.py)
+    runtime: str = "llama.cpp"  # what measured it here
+    engines: str = "llama.cpp, Ollama, LM Studio"  # what loads it
+    memory_bytes: int | None = None  # weights in memory as loaded (HF formats)
 
     def main_types(self, limit: int = 2) -> str:
         total = sum(e["params"] for e in self.types.values()) or 1
@@ -67,6 +71,7 @@ class LadderResult:
     notes: list[str]
     seconds: float
     out_dir: str
+    formats: list[str] = field(default_factory=lambda: ["gguf"])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,15 +112,26 @@ def run_ladder(
     fit_ctx: int | None = None,
     machine: str = "this",
     step: Step | None = None,
+    formats: tuple[str, ...] = ("gguf",),
 ) -> LadderResult:
     from .eval import evaluate_many
+    from . import formats as hf_formats
 
     t0 = time.perf_counter()
     step = step or (lambda desc, frac: None)
     threads = default_threads(threads)
+    formats = hf_formats.parse_formats(formats)
     src = resolve_model(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    hf_dir = src if src.is_dir() else None
+    if hf_dir is None and set(formats) - {"gguf"}:
+        raise LlmquantError(f"--formats {','.join(formats)} needs a Hugging Face folder as the model, got {src.name}")
+    if hf_dir is not None:  # the HF folder converted once into the out folder, at its own precision
+        step("convert the HF folder to GGUF", None)
+        src = hf_formats.gguf_source(hf_dir, out, threads)
+    if "gguf" not in formats:
+        rungs = ()
     ftypes = [(name.upper(), parse_ftype(name)) for name in rungs]
     with GGUFSource(src) as s:
         stem = (s.get("general.name") or src.stem).replace(" ", "-")
@@ -162,17 +178,22 @@ def run_ladder(
             step(f"speed {r.name}", i / len(results))
             r.speed = probe(r.path, n_prompt=128, n_gen=32, repetitions=2, threads=threads).to_dict()
     step("fit: memory on this machine", None)
-    machine_info, fit_ctx = _fit_rungs(src, results, fit_ctx or min(trained_ctx, 8192), machine, notes)
+    machine_info, fit_ctx = (_fit_rungs(src, results, fit_ctx or min(trained_ctx, 8192), machine, notes)
+                             if results else ({}, None))
+    if hf_dir is not None and set(formats) - {"gguf"}:
+        results += [RungResult(**row) for row in hf_formats.hf_rungs(
+            hf_dir, formats, base_path, out, text=text, ctx=ctx, chunks=chunks, threads=threads, speed=speed, step=step)]
+        notes += hf_formats.format_notes(formats)
     inversions = find_inversions(results, source_type if source_was_quantized else None)
     recommendation, reasons = recommend(results, model_params=n_params, machine=machine_info, fit_ctx=fit_ctx)
     text_name = str(text) if text else "llmquant built-in evaluation text"
     return LadderResult(
         model=str(src), model_name=model_name, source_type=source_type,
         source_was_quantized=source_was_quantized, base=str(base_path), base_type=ftype_name(base_ftype),
-        ctx=ctx, chunks=evals[0].n_chunks if evals else chunks, text=text_name, threads=threads, rungs=results,
+        ctx=ctx, chunks=evals[0].n_chunks if evals else (results[0].eval.get("n_chunks") if results else chunks), text=text_name, threads=threads, rungs=results,
         inversions=inversions, recommendation=recommendation, reasons=reasons, notes=notes,
         machine=machine_info, fit_ctx=fit_ctx,
-        seconds=time.perf_counter() - t0, out_dir=str(out),
+        seconds=time.perf_counter() - t0, out_dir=str(out), formats=list(formats),
     )
 
 

@@ -17,26 +17,50 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+MARKERS = {"gguf": "o", "nf4": "s", "gptq": "^", "awq": "D"}
+
+
+def _mixed(result: LadderResult) -> bool:
+    """Whether the table compares formats (then it has format, memory and engine columns)."""
+    return any(getattr(r, "format", "gguf") != "gguf" for r in result.rungs)
+
+
+def columns(result: LadderResult) -> tuple[str, ...]:
+    if not _mixed(result):
+        return COLUMNS
+    c = list(COLUMNS)
+    c.insert(1, "format")
+    c.insert(3, "in memory")
+    return (*c, "runs in")
+
+
 def rows(result: LadderResult) -> list[list[str]]:
-    out = []
-    for r in result.rungs:
-        e, s = r.eval, r.speed
-        out.append([
-            r.name + (" *" if r.name == result.recommendation else ""),
-            _mib(r.file_bytes),
-            f"{r.bits_per_weight:.2f}",
-            f"{e['ppl']:.3f} ± {e['ppl_err']:.3f}" if e else "-",
-            f"{100 * (e['ppl_ratio'] - 1):+.2f}%" if e else "-",
-            f"{e['kld_mean']:.5f}" if e else "-",
-            f"{e['kld_p99']:.4f}" if e else "-",
-            f"{e['top1']:.2f}%" if e else "-",
-            f"{s['pp_tps']:.0f}" if s else "-",
-            f"{s['tg_tps']:.1f}" if s else "-",
-            _mib(s["peak_rss"]) if s and s.get("peak_rss") else "-",
-            (_mib(r.fit["total_bytes"]) + ("" if r.fit["fits"] else " (no fit)")) if r.fit else "-",
-            f"{100 * r.fallback_share:.0f}%",
-        ])
+    out = [_row(result, r) for r in result.rungs]
+    if _mixed(result):
+        for row, r in zip(out, result.rungs):
+            row.insert(1, f"{r.format} ({r.runtime})")
+            row.insert(3, _mib(r.memory_bytes) if r.memory_bytes else "-")
+            row.append(r.engines)
     return out
+
+
+def _row(result: LadderResult, r) -> list[str]:
+    e, s = r.eval, r.speed
+    return [
+        r.name + (" *" if r.name == result.recommendation else ""),
+        _mib(r.file_bytes),
+        f"{r.bits_per_weight:.2f}",
+        f"{e['ppl']:.3f} ± {e['ppl_err']:.3f}" if e else "-",
+        f"{100 * (e['ppl_ratio'] - 1):+.2f}%" if e else "-",
+        f"{e['kld_mean']:.5f}" if e else "-",
+        f"{e['kld_p99']:.4f}" if e else "-",
+        f"{e['top1']:.2f}%" if e else "-",
+        f"{s['pp_tps']:.0f}" if s else "-",
+        f"{s['tg_tps']:.1f}" if s else "-",
+        _mib(s["peak_rss"]) if s and s.get("peak_rss") else "-",
+        (_mib(r.fit["total_bytes"]) + ("" if r.fit["fits"] else " (no fit)")) if r.fit else "-",
+        f"{100 * r.fallback_share:.0f}%",
+    ]
 
 
 def header_lines(result: LadderResult) -> list[str]:
@@ -70,8 +94,8 @@ def footer_lines(result: LadderResult) -> list[str]:
 
 def table(result: LadderResult) -> Table:
     t = Table(title="llmquant ladder", title_justify="left")
-    for c in COLUMNS:
-        t.add_column(c, justify="left" if c == "rung" else "right")
+    for c in columns(result):
+        t.add_column(c, justify="left" if c in ("rung", "format", "runs in") else "right")
     for row in rows(result):
         t.add_row(*row)
     return t
@@ -80,7 +104,8 @@ def table(result: LadderResult) -> Table:
 def markdown(result: LadderResult) -> str:
     out = ["# llmquant ladder", ""]
     out += [f"- {line}" for line in header_lines(result)]
-    out += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    cols = columns(result)
+    out += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(r) + " |" for r in rows(result)]
     out.append("")
     out += [f"- {line.strip()}" if not line.startswith("  ") else f"  - {line.strip()}" for line in footer_lines(result)]
@@ -94,7 +119,7 @@ def plot(result: LadderResult, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
-    pts = [(r.file_bytes / 2**20, r.eval["kld_mean"], r.eval.get("ppl_ratio", 1.0), r.name)
+    pts = [(r.file_bytes / 2**20, r.eval["kld_mean"], r.eval.get("ppl_ratio", 1.0), r.name, getattr(r, "format", "gguf"))
            for r in result.rungs if r.eval]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
     for ax, idx, label in ((ax1, 1, "mean KL-divergence to the base (log)"),
@@ -104,7 +129,12 @@ def plot(result: LadderResult, path: Path) -> None:
         colors = ["tab:red" if p[3] == result.recommendation else "tab:blue" for p in pts]
         order = sorted(range(len(xs)), key=lambda i: xs[i])
         ax.plot([xs[i] for i in order], [ys[i] for i in order], color="tab:gray", alpha=0.4, zorder=2)
-        ax.scatter(xs, ys, c=colors, s=40, zorder=3)
+        for fmt in dict.fromkeys(p[4] for p in pts):  # one marker per format
+            idx_f = [i for i, p in enumerate(pts) if p[4] == fmt]
+            ax.scatter([xs[i] for i in idx_f], [ys[i] for i in idx_f], c=[colors[i] for i in idx_f], s=40, zorder=3,
+                       marker=MARKERS.get(fmt, "o"), label=fmt.upper() if fmt != "gguf" else "GGUF")
+        if _mixed(result):
+            ax.legend(loc="best", fontsize=9)
         for rank, i in enumerate(order):  # alternate label sides so neighbours do not overlap
             right = rank % 2 == 0
             ax.annotate(pts[i][3], (xs[i], ys[i]), textcoords="offset points", fontsize=9,
