@@ -80,7 +80,7 @@ def bench_model(
 def probe(path: str | Path, **kwargs) -> SpeedResult:
     """``bench_model`` in a fresh subprocess; also reports that process's peak RSS."""
     args = json.dumps({"path": str(path), **kwargs})
-    proc = subprocess.run([sys.executable, "-m", "llmquant.bench", args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "llmquant.measure.bench", args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"speed probe of {path} failed: {proc.stderr.strip()[-500:]}")
     return SpeedResult(**json.loads(proc.stdout.strip().splitlines()[-1]))
