@@ -196,7 +196,7 @@ def test_ladder_compares_formats_in_one_table(hf_smollm, tmp_path):
     r = run_ladder(hf_smollm, rungs=("Q4_0",), out_dir=out, ctx=CTX, chunks=2, threads=2, formats=("gguf", "nf4"))
     assert [(x.name, x.format, x.runtime) for x in r.rungs] == [("Q4_0", "gguf", "llama.cpp"), ("NF4", "nf4", "transformers")]
     q4, nf4 = r.rungs
-    assert r.base_type == "F32" and q4.eval["base_ppl"] == pytest.approx(nf4.eval["base_ppl"])  # one base, same tokens
+    assert r.base_type == "F32" and r.source_type == "F32" and q4.eval["base_ppl"] == pytest.approx(nf4.eval["base_ppl"])  # one base, same tokens
     assert nf4.eval["n_tokens_scored"] == q4.eval["n_tokens_scored"]
     assert nf4.eval["kld_mean"] > 0.02 and nf4.memory_bytes < nf4.file_bytes * 1.1
     assert 4.0 < nf4.bits_per_weight < 12.0  # 4-bit matrices plus fp32 embeddings
@@ -208,7 +208,7 @@ def test_ladder_compares_formats_in_one_table(hf_smollm, tmp_path):
     assert all(len(row) == len(cols) for row in rows(r))
     assert any("blocks of 64" in n for n in r.notes)
     paths = write_all(r, out)
-    assert "| NF4 | nf4 (transformers) |" in markdown(r) and Path(paths["png"]).stat().st_size > 10_000
+    assert "| nf4 (transformers) |" in markdown(r) and Path(paths["png"]).stat().st_size > 10_000
 
 
 def test_formats_are_checked():

@@ -69,14 +69,16 @@ def format_notes(formats: tuple[str, ...]) -> list[str]:
 
 
 def gguf_source(hf_dir: Path, out_dir: Path, threads: int) -> Path:
-    """The HF folder converted once into the out folder (at its own precision), reused when newer
-    than the folder's config and weights."""
+    """The HF folder converted once into the out folder at its own precision (F32 weights stay F32:
+    convert's "auto" would round them to 16 bits), reused when newer than the folder's files."""
     from ..convert import convert_model
+    from ..runtime.torch import inspect_folder
 
     dst = out_dir / f"{hf_dir.name}.gguf"
     newest = max(p.stat().st_mtime for p in hf_dir.iterdir() if p.is_file())
     if not (dst.is_file() and dst.stat().st_mtime >= newest):
-        convert_model(hf_dir, dst, "auto", threads=threads, force=True)
+        outtype = "f32" if inspect_folder(hf_dir).dtype == "float32" else "auto"
+        convert_model(hf_dir, dst, outtype, threads=threads, force=True)
     return dst
 
 
