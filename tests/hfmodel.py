@@ -230,3 +230,67 @@ def write_tiny_model(folder: Path, *, arch: str = "LlamaForCausalLM", model_type
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+# -- through transformers (tests that need torch: the [hf] extra) ---------------------------------------
+
+def build_default_hf_folder(folder: Path) -> Path:
+    """The embedded GGUF as an HF folder made by transformers' own GGUF loader: config and tokenizer
+    from the GGUF, ``from_config`` + ``load_state_dict`` of the dequantized tensors, ``save_pretrained``
+    (fp32), and config.json without the ``quantization_config: gguf`` key the loader leaves."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    gguf = default_model_path()
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+    result = model.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
+    assert set(result.missing_keys) <= {"lm_head.weight"} and not result.unexpected_keys, result  # tied head
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("quantization_config", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+def write_compressed_tensors(src: Path, dst: Path, *, group_size: int = 64, symmetric: bool = True) -> Path:
+    """A W4A16 ``pack-quantized`` checkpoint of ``src`` made with the compressed-tensors package:
+    its quantization config applied to every Linear but lm_head, round-to-nearest scales from each
+    group's min/max (``calculate_qparams``), ``ModelCompressor`` packing, ``update_config``."""
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus, apply_quantization_config,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=group_size)
+    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+                                ignore=["lm_head"], quantization_status=QuantizationStatus.INITIALIZED)
+    apply_quantization_config(model, config)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not hasattr(module, "weight_scale"):
+                continue
+            w = module.weight.reshape(module.weight.shape[0], -1, group_size)
+            scale, zp = calculate_qparams(w.amin(dim=-1), w.amax(dim=-1), args)
+            module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+            module.weight_zero_point.data.copy_(zp.reshape(module.weight_zero_point.shape))
+            module.quantization_status = QuantizationStatus.FROZEN
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(dst)
+    compressor.update_config(str(dst))
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return dst

@@ -146,3 +146,19 @@ class DiskFullError(DestinationError):
         self.needed = needed
         self.free = free
         super().__init__(path, problem)
+class MissingExtraError(LlmquantError):
+    """An optional dependency group is not installed (e.g. torch + transformers for HF formats)."""
+
+    def __init__(self, extra: str, what: str):
+        self.extra = extra
+        super().__init__(f"{what} needs the [{extra}] extra: pip install 'llmquant[{extra}]'")
+
+
+class CheckpointLoadError(LlmquantError):
+    """transformers cannot load a Hugging Face checkpoint here (its quantization format needs a GPU
+    or a package that is not installed, or the files are broken)."""
+
+    def __init__(self, path: object, method: str, problem: str):
+        self.path = path
+        self.method = method
+        super().__init__(f"{path}: cannot load this {method} checkpoint on CPU: {problem}")

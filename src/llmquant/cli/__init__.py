@@ -36,7 +36,9 @@ def main() -> None:
     try:
         app()
     except LlmquantError as exc:
-        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape  # a message may hold brackets: pip install 'llmquant[hf]'
+
+        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted; nothing was written", highlight=False)

@@ -45,6 +45,7 @@ def ladder(
     fit_ctx: Annotated[Optional[int], typer.Option("--fit-ctx", help="Context for the memory fit (default: trained, max 8192).")] = None,
     machine: Annotated[str, typer.Option("--machine", help="Machine to fit on (see llmquant fit --machine list).")] = "this",
     threads: ThreadsOpt = 0,
+    formats: Annotated[str, typer.Option("--formats", help="With an HF folder as MODEL: compare formats in one table, e.g. gguf,nf4 (gguf = the --rungs).")] = "gguf",
     name: Annotated[Optional[str], typer.Option("--name", help="Also store every rung as NAME[:TAG]-RUNG (e.g. smollm2:135m -> smollm2:135m-q4_k_m).", show_default=False)] = None,
     keep: Annotated[Optional[str], typer.Option("--keep", help="Rung files to keep: all, best (the recommended one) or none; default: all below 3B parameters, best above.", show_default=False)] = None,
     model_opt: ModelOpt = None,
@@ -83,13 +84,15 @@ def ladder(
 
         result = run_ladder(model, rungs=names, out_dir=out_dir, text=text, ctx=ctx, chunks=chunks,
                             threads=threads or None, speed=not no_speed, fit_ctx=fit_ctx, machine=machine,
-                            step=step, keep=keep, options=options, imatrix=imatrix)
+                            step=step, keep=keep, options=options, imatrix=imatrix,
+                            formats=tuple(formats.split(",")))
     paths = write_all(result, out_dir)
     stored = []
     if name:
         from ..store import register, rung_name
 
-        stored = [register(r.path, rung_name(name, r.name.replace("+", "-"))).name for r in result.rungs if r.kept]
+        stored = [register(r.path, rung_name(name, r.name.replace("+", "-"))).name for r in result.rungs
+                  if r.kept and getattr(r, "format", "gguf") == "gguf"]
     if as_json:
         _print_json({**result.to_dict(), "outputs": paths, **({"stored_as": stored} if stored else {})})
         return
@@ -112,11 +115,14 @@ def ladder(
 @app.command("eval")
 def eval_(
     model: ModelArg = None,
-    base: Annotated[Optional[str], typer.Option("--base", help="Reference GGUF for KL divergence (ideally the F32/F16 rendering).")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="Reference for KL divergence: a GGUF (ideally the F32/F16 rendering) or an HF folder; its tokenizer tokenizes the text.")] = None,
     text: Annotated[Optional[str], typer.Option("--text", "-f", "--file", help="Text file, or folder of .txt/.md files; default: the built-in text.")] = None,
     ctx: Annotated[int, typer.Option(*CTX_NAMES, help="Tokens per chunk; the second half of each chunk is scored.")] = 512,
     chunks: Annotated[Optional[int], typer.Option("--chunks", min=1, help="Evaluate at most N chunks (default: all).")] = None,
     base_logits: Annotated[Optional[Path], typer.Option("--base-logits", help="Base log-probabilities in llama-perplexity's --kl-divergence-base format: read when the file exists (its tokens and context are used), else computed from --base and written.")] = None,
+    load: Annotated[Optional[str], typer.Option("--load", help="Quantize an HF folder at load time: nf4 (bitsandbytes NF4, double quant, 64-blocks, fp32 compute).")] = None,
+    runtime: Annotated[str, typer.Option("--runtime", help="auto: llama.cpp for a GGUF, transformers for an HF folder; llama: run an HF folder in llama.cpp as an F32 GGUF made on the fly (dequantized first if quantized); torch.")] = "auto",
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow HF folders whose weights are PyTorch .bin pickles (loaded with weights_only=True).")] = False,
     threads: ThreadsOpt = 0,
     model_opt: ModelOpt = None,
     ngl: NglOpt = "0",
@@ -127,15 +133,23 @@ def eval_(
     cache_type_v: CacheTypeVOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Perplexity and, with --base, KL divergence, same top token and Δp: llama-perplexity's numbers."""
-    from ..measure.eval import evaluate
+    """Perplexity and, with --base, KL divergence, same top token and Δp: llama-perplexity's numbers.
+    MODEL and BASE may each be a GGUF or a Hugging Face folder (the [hf] extra runs those)."""
+    from ..measure.eval import ModelRef, evaluate
     from ..store import resolve_model
 
-    path = _as_gguf(resolve_model(pick(("MODEL", model), ("--model", model_opt))), threads)
-    base_path = _as_gguf(resolve_model(base), threads) if base is not None else None
+    path = resolve_model(pick(("MODEL", model), ("--model", model_opt)))
+    base_path = resolve_model(base) if base is not None else None
     options = load_options(path, ngl, ctx=ctx, batch=ctx, mlock=mlock, no_mmap=no_mmap, flash_attn=flash_attn,
                            cache_type_k=cache_type_k, cache_type_v=cache_type_v)
-    opts = dict(text=text, ctx=ctx, chunks=chunks, threads=threads or None, options=options, base_logits=base_logits)
+    ref = ModelRef(path, load=load, runtime=runtime, allow_pickle=allow_pickle)
+    base_ref = ModelRef(base_path, allow_pickle=allow_pickle) if base_path is not None else None
+    opts = dict(text=text, ctx=ctx, chunks=chunks, threads=threads or None, options=options)
+    if base_logits is not None:
+        # llama-perplexity's file compares GGUF files: an HF folder is converted once and reused
+        ref = _as_gguf(path, threads)
+        base_ref = _as_gguf(base_path, threads) if base_path is not None else None
+        opts["base_logits"] = base_logits
     if base_logits is not None and not base_logits.exists() and base_path is not None:
         from ..system import check_disk_space
 
@@ -146,15 +160,16 @@ def eval_(
 
         opts["before_write"] = before_write
     if as_json:
-        result = evaluate(path, base_path, **opts)
+        result = evaluate(ref, base_ref, **opts)
     else:
         with _TensorProgress("evaluate") as bar:
-            result = evaluate(path, base_path, **opts, progress=lambda done, n: bar(done, n, f"chunk {done} of {n}"))
+            result = evaluate(ref, base_ref, **opts, progress=lambda done, n: bar(done, n, f"chunk {done} of {n}"))
     if as_json:
         _print_json(result.to_dict())
         return
     against = base_path.name if base_path else base_logits.name if base_logits else None
-    t = Table(title=f"{path.name}" + (f" vs {against}" if against else ""))
+    t = Table(title=f"{path.name}" + (f" ({result.model_format}, {result.runtime})" if path.is_dir() else "")
+              + (f" vs {against}" if against else ""))
     t.add_column("statistic")
     t.add_column("value", justify="right")
     t.add_row("PPL(Q)", f"{result.ppl:.4f} ± {result.ppl_err:.4f}")

@@ -19,6 +19,12 @@ them with llama-perplexity's error formulas) and the orchestration (``evaluate``
 ``evaluate_many``), which runs the base and every model over the same chunk in lockstep so that
 memory holds one chunk of logits per model whatever the length of the text.
 
+Models are GGUF files (run by llama.cpp) or Hugging Face folders (run by transformers through
+runtime/torch.py, optionally quantized at load time with ``load="nf4"``, or through llama.cpp as an
+F32 GGUF made on the fly — dequantized first when the checkpoint is weight-only quantized). Any two
+compare: the text is tokenized once by the base's tokenizer and the same ids feed every model, after
+a check that the vocabularies are the same (same size, same token texts).
+
 By default the base distribution is used exactly (float64 from the float32 logits). llama-perplexity
 stores it between its two runs as 16-bit log-probabilities, floored at max - 16, and skips
 log p <= -16 in the KLD sum; ``llama_compat=True`` reproduces that storage too (bench/eval_parity.py
@@ -416,6 +422,8 @@ class EvalResult:
     seconds: float = 0.0  # this model's decoding + statistics
     tokens_per_second: float = 0.0  # tokens decoded by this model per second of ``seconds``
     base_seconds: float | None = None  # the base's decoding + statistics (shared by evaluate_many)
+    model_format: str | None = None  # GGUF file type, or the HF folder's format (F32, NF4, compressed-tensors W4A16 g64)
+    runtime: str = "llama.cpp"  # what computed this model's logits: llama.cpp or transformers
     wall_seconds: float = 0.0  # the whole call: loading, tokenizing, every model
     notes: list[str] = field(default_factory=list)
     offload: dict | None = None  # runtime.llama.Offload.to_dict() of this model as loaded
@@ -475,13 +483,54 @@ def chunk_layout(n_tokens: int, ctx: int, chunks: int | None) -> int:
     return n_chunk if chunks is None else min(chunks, n_chunk)
 
 
-def evaluate(model: str | Path, base: str | Path | None = None, text: str | Path | None = None, ctx: int = 512,
+@dataclass(frozen=True)
+class ModelRef:
+    """A model to evaluate and how to run it. ``path``: a GGUF file or an HF folder. ``load``: "nf4"
+    quantizes an HF folder at load time (bitsandbytes). ``runtime``: "auto" (llama.cpp for a GGUF,
+    transformers for an HF folder), "torch", or "llama" (an HF folder converted to an F32 GGUF on the
+    fly, its weights dequantized first when the checkpoint is quantized: the fast path)."""
+
+    path: Path
+    load: str | None = None
+    runtime: str = "auto"
+    allow_pickle: bool = False
+
+    @property
+    def is_hf(self) -> bool:
+        return self.path.is_dir()
+
+    @property
+    def uses_torch(self) -> bool:
+        return self.is_hf and self.runtime in ("auto", "torch")
+
+
+ModelSpec = str | Path | ModelRef
+
+
+def as_ref(spec: ModelSpec) -> ModelRef:
+    if isinstance(spec, ModelRef):
+        ref = spec
+    else:
+        ref = ModelRef(Path(spec))
+    if ref.runtime not in ("auto", "torch", "llama"):
+        raise EvalError(f"runtime must be auto, torch or llama, got {ref.runtime!r}", ref.runtime)
+    if ref.load is not None and ref.load != "nf4":
+        raise EvalError(f"unknown --load {ref.load!r}; expected nf4", ref.load)
+    if ref.load is not None and not ref.is_hf:
+        raise EvalError(f"--load {ref.load} quantizes a Hugging Face folder at load time; {ref.path.name} is not one", ref.path)
+    if ref.load is not None and not ref.uses_torch:
+        raise EvalError(f"--load {ref.load} runs in transformers; it cannot be combined with the llama.cpp runtime", ref.load)
+    return ref
+
+
+def evaluate(model: ModelSpec, base: ModelSpec | None = None, text: str | Path | None = None, ctx: int = 512,
              chunks: int | None = None, threads: int | None = None, *,
              progress: Callable[[int, int], None] | None = None, llama_compat: bool = False,
              base_logits: str | Path | None = None,
              before_write: Callable[[int], None] | None = None, options=None) -> EvalResult:
     """Perplexity of ``model`` over ``text`` and, with ``base``, the KL-divergence statistics of
-    ``model`` against ``base`` (llama-perplexity --kl-divergence). ``options``: a runtime.llama.LoadOptions
+    ``model`` against ``base`` (llama-perplexity --kl-divergence). Either may be a GGUF or an HF
+    folder (see ``ModelRef``). ``options``: a runtime.llama.LoadOptions
     (GPU layers, mmap/mlock, flash attention, KV types) for every model loaded.
 
     ``base_logits``: a llama-perplexity ``--kl-divergence-base`` file. When it exists it is the
@@ -489,6 +538,9 @@ def evaluate(model: str | Path, base: str | Path | None = None, text: str | Path
     from 16-bit log-probabilities); when it does not, ``base`` is run once to write it first
     (``before_write(nbytes)`` is told its exact size before anything is written)."""
     if base_logits is not None:
+        if any(isinstance(s, ModelRef) or Path(s).is_dir() for s in (model, base) if s is not None):
+            raise EvalError("--base-logits compares GGUF files (llama-perplexity's format); convert the "
+                            "Hugging Face folder first (llmquant convert)", base_logits)
         t0 = time.perf_counter()
         file = Path(base_logits)
         if not file.exists():
@@ -503,7 +555,7 @@ def evaluate(model: str | Path, base: str | Path | None = None, text: str | Path
             result.notes[:0] = _base_notes(Path(base), result.base_file_type, result.base_is_quantized)
         result.wall_seconds = time.perf_counter() - t0
         return result
-    return _evaluate([Path(model)], Path(base) if base is not None else None, text, ctx, chunks, threads,
+    return _evaluate([as_ref(model)], as_ref(base) if base is not None else None, text, ctx, chunks, threads,
                      progress, llama_compat, options)[0]
 
 
@@ -635,7 +687,7 @@ def _base_notes(base_path: Path, base_type: str | None, base_quantized: bool | N
             "measure the distance to it, not to the original weights"]
 
 
-def evaluate_many(models: Sequence[str | Path], base: str | Path, text: str | Path | None = None, ctx: int = 512,
+def evaluate_many(models: Sequence[ModelSpec], base: ModelSpec, text: str | Path | None = None, ctx: int = 512,
                   chunks: int | None = None, threads: int | None = None, *,
                   progress: Callable[[int, int], None] | None = None,
                   llama_compat: bool = False, options=None) -> list[EvalResult]:
@@ -643,7 +695,8 @@ def evaluate_many(models: Sequence[str | Path], base: str | Path, text: str | Pa
     over the same chunk right after, so memory holds one chunk of logits per model."""
     if not models:
         return []
-    return _evaluate([Path(m) for m in models], Path(base), text, ctx, chunks, threads, progress, llama_compat, options)
+    return _evaluate([as_ref(m) for m in models], as_ref(base), text, ctx, chunks, threads, progress, llama_compat,
+                     options)
 
 
 def _check_file(path: Path, ctx: int) -> tuple[str | None, bool]:
@@ -660,8 +713,40 @@ def _check_file(path: Path, ctx: int) -> tuple[str | None, bool]:
                 src.is_quantized)
 
 
-def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks: int | None,
+def _check_model(ref: ModelRef, ctx: int) -> tuple[str | None, bool]:
+    """``_check_file`` for a GGUF; for an HF folder the same checks from its config.json."""
+    if not ref.is_hf:
+        return _check_file(ref.path, ctx)
+    from ..runtime.torch import describe, inspect_folder
+
+    info = inspect_folder(ref.path, allow_pickle=ref.allow_pickle)
+    n_train = info.max_positions
+    if n_train is not None and ctx > n_train:
+        raise EvalError(f"ctx {ctx} exceeds the {n_train} tokens {ref.path.name} was trained on", ctx)
+    return describe(info, ref.load), info.method is not None or ref.load is not None
+
+
+def _as_gguf(ref: ModelRef, work: Path, threads: int) -> Path:
+    """An HF folder as an F32 GGUF for llama.cpp; a quantized checkpoint's weights dequantized first."""
+    from ..convert import convert_model
+    from ..runtime.torch import inspect_folder, write_dequantized
+
+    folder = ref.path
+    if inspect_folder(folder, allow_pickle=ref.allow_pickle).method is not None:
+        folder = write_dequantized(ref.path, work / f"{ref.path.name}-dequantized", allow_pickle=ref.allow_pickle)
+    dst = work / f"{ref.path.name}-F32.gguf"
+    convert_model(folder, dst, "f32", threads=threads, allow_pickle=ref.allow_pickle)
+    if folder != ref.path:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+    return dst
+
+
+def _evaluate(refs: list[ModelRef], base_ref: ModelRef | None, text, ctx: int, chunks: int | None,
               threads: int | None, progress, llama_compat: bool, options=None) -> list[EvalResult]:
+    import tempfile
+
     from ..system import default_threads
     from ..runtime.llama import LoadOptions, Model
 
@@ -671,17 +756,27 @@ def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks:
     check_ctx(ctx)
     content, text_name = load_text(text)
     n_threads = default_threads(threads)
+    paths = [r.path for r in refs]
+    base_path = base_ref.path if base_ref is not None else None
     with contextlib.ExitStack() as stack:
-        def load(path: Path) -> Model:
+        def load(ref: ModelRef):
+            if ref.uses_torch:
+                from ..runtime.torch import TorchModel
+
+                return stack.enter_context(TorchModel(ref.path, load=ref.load, threads=n_threads,
+                                                      allow_pickle=ref.allow_pickle))
+            path = ref.path
+            if ref.is_hf:
+                work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llmquant-eval-")))
+                path = _as_gguf(ref, work, n_threads)
             return stack.enter_context(Model(path, **options.model_kwargs(n_ctx=ctx, n_batch=ctx, threads=n_threads,
                                                                           flash_attn=FLASH_ATTN)))
 
-        for path in paths:
-            _check_file(path, ctx)
-        base_type, base_quantized = _check_file(base_path, ctx) if base_path is not None else (None, None)
+        kinds = [_check_model(r, ctx) for r in refs]
+        base_type, base_quantized = _check_model(base_ref, ctx) if base_ref is not None else (None, None)
 
-        base = load(base_path) if base_path is not None else None
-        models = [load(p) for p in paths]
+        base = load(base_ref) if base_ref is not None else None
+        models = [load(r) for r in refs]
         if base is not None:
             digest = None
             for path, m in zip(paths, models):
@@ -692,10 +787,11 @@ def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks:
                         f"{path.name} and the base {base_path.name} have different vocabularies "
                         f"({m.n_vocab} vs {base.n_vocab} tokens{', different token texts' if m.n_vocab == base.n_vocab else ''}); "
                         "KL divergence needs the same tokenizer", path)
-        tokens = np.asarray(models[0].tokenize(content, add_bos=True), dtype=np.int32)
+        tokenizer = base if base is not None else models[0]  # one tokenizer (the base's) for every model
+        tokens = np.asarray(tokenizer.tokenize(content, add_bos=True), dtype=np.int32)
         n_chunk = chunk_layout(len(tokens), ctx, chunks)
         first = ctx // 2
-        add_bos, bos = models[0].add_bos, models[0].bos
+        add_bos, bos = tokenizer.add_bos, tokenizer.bos
 
         stats = [Statistics() for _ in models]
         seconds = [0.0 for _ in models]
@@ -724,13 +820,19 @@ def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks:
                 seconds[k] += time.perf_counter() - t0
             if progress is not None:
                 progress(i + 1, n_chunk)
-        offloads = [m.offload.to_dict() for m in models]
+        offloads = [m.offload.to_dict() if hasattr(m, "offload") else None for m in models]
 
     wall = time.perf_counter() - t_start
     results = []
-    for path, s, sec, offload in zip(paths, stats, seconds, offloads):
+    for ref, (kind, _), s, sec, offload in zip(refs, kinds, stats, seconds, offloads):
+        path = ref.path
         summary = s.summary()
-        notes = _base_notes(base_path, base_type, base_quantized) if base_path is not None else []
+        notes = []
+        if ref.is_hf and not ref.uses_torch:
+            notes.append(f"{path.name} ran in llama.cpp as an F32 GGUF made from its "
+                         + ("dequantized weights" if kind not in ("F32", "F16", "BF16") else "weights"))
+        if base_path is not None:
+            notes += _base_notes(base_path, base_type, base_quantized)
         results.append(EvalResult(
             model=str(path), base=str(base_path) if base_path is not None else None, text=text_name,
             n_ctx=ctx, n_chunks=n_chunk, n_tokens_scored=s.count, **summary,
@@ -738,6 +840,7 @@ def _evaluate(paths: list[Path], base_path: Path | None, text, ctx: int, chunks:
             threads=n_threads, seconds=sec, tokens_per_second=n_chunk * ctx / sec if sec > 0 else 0.0,
             base_seconds=base_seconds if base is not None else None, wall_seconds=wall, notes=notes,
             offload=offload,
+            model_format=kind, runtime="transformers" if ref.uses_torch else "llama.cpp",
         ))
     return results
 

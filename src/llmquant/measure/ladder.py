@@ -47,6 +47,10 @@ class RungResult:
     fit: dict = field(default_factory=dict)  # llmquant fit's row for this rung on this machine
     resumed: bool = False  # measurements taken from ladder-state.json (an earlier, interrupted run)
     kept: bool = True  # the file is still on disk (--keep)
+    format: str = "gguf"  # gguf, nf4 (measure/formats.py)
+    runtime: str = "llama.cpp"  # what measured it here
+    engines: str = "llama.cpp, Ollama, LM Studio"  # what loads it
+    memory_bytes: int | None = None  # weights in memory as loaded (HF formats)
 
     def main_types(self, limit: int = 2) -> str:
         total = sum(e["params"] for e in self.types.values()) or 1
@@ -78,6 +82,7 @@ class LadderResult:
     base_logits: str | None = None
     keep: str = "all"
     offload: dict | None = None  # runtime.llama.Offload.to_dict(): layers on GPU / CPU in eval and speed
+    formats: list[str] = field(default_factory=lambda: ["gguf"])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -193,6 +198,7 @@ def run_ladder(
     keep: str | None = None,
     options=None,
     imatrix: str | Path | None = None,
+    formats: tuple[str, ...] = ("gguf",),
 ) -> LadderResult:
     """Quantize ``model`` (GGUF, stored name or Hugging Face folder) to every rung and measure each
     against the base, one rung at a time: peak memory is the largest single model plus a chunk of
@@ -204,21 +210,30 @@ def run_ladder(
     ``options``: a runtime.llama.LoadOptions (GPU layers, ...) for evaluation and speed.
     ``imatrix``: None (no importance rungs), "auto" (collected from the base on the shipped
     calibration text, into ``out_dir``, reused while current) or an imatrix file; then every K /
-    legacy rung is also made with it (``Q4_K_M+imat``)."""
+    legacy rung is also made with it (``Q4_K_M+imat``).
+    ``formats``: with an HF folder, the HF formats measured beside the GGUF rungs (gguf, nf4)."""
+    from . import formats as hf_formats
     from .eval import evaluate_against_logits, load_text, write_base_logits
     from .logits_file import LogitsFile
 
     t0 = time.perf_counter()
     step = step or (lambda desc, frac: None)
     threads = default_threads(threads)
+    formats = hf_formats.parse_formats(formats)
+    model_path = resolve_model(model)
     out = Path(out_dir)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out)
     state = LadderState(out)
     notes: list[str] = []
+    hf_dir = model_path if model_path.is_dir() else None
+    if hf_dir is None and set(formats) - {"gguf"}:
+        raise LlmquantError(f"--formats {','.join(formats)} needs a Hugging Face folder as the model, got {model_path.name}")
+    if "gguf" not in formats:
+        rungs = ()
     ftypes = [(name.upper(), parse_ftype(name)) for name in rungs]
-    src = as_gguf(model, out, threads, state, notes, step)
+    src = as_gguf(model_path, out, threads, state, notes, step)
     with GGUFSource(src) as s:
         stem = (s.get("general.name") or src.stem).replace(" ", "-")
         model_name = s.get("general.name")
@@ -341,6 +356,10 @@ def run_ladder(
         progress.finish(name)
         _apply_keep(keep, results, n_params, machine_info, fit_ctx, src, base_path)
     step("recommend", 1.0)
+    if hf_dir is not None and set(formats) - {"gguf"}:
+        results += [RungResult(**row) for row in hf_formats.hf_rungs(
+            hf_dir, formats, base_path, out, text=text, ctx=ctx, chunks=chunks, threads=threads, speed=speed, step=step)]
+        notes += hf_formats.format_notes(formats)
     inversions = find_inversions(results, source_type if source_was_quantized else None)
     recommendation, reasons = recommend(results, model_params=n_params, machine=machine_info, fit_ctx=fit_ctx)
     if keep != "all":
@@ -356,6 +375,7 @@ def run_ladder(
         machine=machine_info, fit_ctx=fit_ctx,
         seconds=time.perf_counter() - t0, out_dir=str(out), base_logits=str(logits_path), keep=keep,
         offload=results[0].eval.get("offload") if results else None,
+        formats=list(formats),
     )
 
 

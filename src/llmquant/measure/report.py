@@ -21,12 +21,25 @@ def _has_imatrix(result: LadderResult) -> bool:
     return any(r.name.endswith(IMAT_SUFFIX) for r in result.rungs)
 
 
+MARKERS = {"gguf": "o", "nf4": "s", "gptq": "^", "awq": "D"}
+
+
+def _mixed(result: LadderResult) -> bool:
+    """Whether the table compares formats (then it has format, memory and engine columns)."""
+    return any(getattr(r, "format", "gguf") != "gguf" for r in result.rungs)
+
+
 def columns(result: LadderResult) -> tuple[str, ...]:
-    """COLUMNS, with "KLD gain" after "KLD mean" when the ladder has imatrix rungs."""
-    if not _has_imatrix(result):
-        return COLUMNS
-    i = COLUMNS.index("KLD mean") + 1
-    return COLUMNS[:i] + ("KLD gain",) + COLUMNS[i:]
+    """COLUMNS, with "KLD gain" after "KLD mean" when the ladder has imatrix rungs, and format,
+    memory and engine columns when it compares formats."""
+    c = list(COLUMNS)
+    if _has_imatrix(result):
+        c.insert(c.index("KLD mean") + 1, "KLD gain")
+    if _mixed(result):
+        c.insert(1, "format")
+        c.insert(3, "in memory")
+        c.append("runs in")
+    return tuple(c)
 
 
 def kld_gain(result: LadderResult, name: str) -> float | None:
@@ -41,28 +54,37 @@ def kld_gain(result: LadderResult, name: str) -> float | None:
 
 
 def rows(result: LadderResult) -> list[list[str]]:
-    out = []
-    with_gain = _has_imatrix(result)
-    for r in result.rungs:
-        e, s = r.eval, r.speed
-        gain = kld_gain(result, r.name)
-        out.append([
-            r.name + (" *" if r.name == result.recommendation else ""),
-            _mib(r.file_bytes),
-            f"{r.bits_per_weight:.2f}",
-            f"{e['ppl']:.3f} ± {e['ppl_err']:.3f}" if e else "-",
-            f"{100 * (e['ppl_ratio'] - 1):+.2f}%" if e else "-",
-            f"{e['kld_mean']:.5f}" if e else "-",
-            *([f"{100 * gain:+.1f}%" if gain is not None else "-"] if with_gain else []),
-            f"{e['kld_p99']:.4f}" if e else "-",
-            f"{e['top1']:.2f}%" if e else "-",
-            f"{s['pp_tps']:.0f}" if s else "-",
-            f"{s['tg_tps']:.1f}" if s else "-",
-            _mib(s["peak_rss"]) if s and s.get("peak_rss") else "-",
-            (_mib(r.fit["total_bytes"]) + ("" if r.fit["fits"] else " (no fit)")) if r.fit else "-",
-            f"{100 * r.fallback_share:.0f}%",
-        ])
+    out = [_row(result, r) for r in result.rungs]
+    if _has_imatrix(result):
+        at = COLUMNS.index("KLD mean") + 1
+        for row, r in zip(out, result.rungs):
+            gain = kld_gain(result, r.name)
+            row.insert(at, f"{100 * gain:+.1f}%" if gain is not None else "-")
+    if _mixed(result):
+        for row, r in zip(out, result.rungs):
+            row.insert(1, f"{r.format} ({r.runtime})")
+            row.insert(3, _mib(r.memory_bytes) if r.memory_bytes else "-")
+            row.append(r.engines)
     return out
+
+
+def _row(result: LadderResult, r) -> list[str]:
+    e, s = r.eval, r.speed
+    return [
+        r.name + (" *" if r.name == result.recommendation else ""),
+        _mib(r.file_bytes),
+        f"{r.bits_per_weight:.2f}",
+        f"{e['ppl']:.3f} ± {e['ppl_err']:.3f}" if e else "-",
+        f"{100 * (e['ppl_ratio'] - 1):+.2f}%" if e else "-",
+        f"{e['kld_mean']:.5f}" if e else "-",
+        f"{e['kld_p99']:.4f}" if e else "-",
+        f"{e['top1']:.2f}%" if e else "-",
+        f"{s['pp_tps']:.0f}" if s else "-",
+        f"{s['tg_tps']:.1f}" if s else "-",
+        _mib(s["peak_rss"]) if s and s.get("peak_rss") else "-",
+        (_mib(r.fit["total_bytes"]) + ("" if r.fit["fits"] else " (no fit)")) if r.fit else "-",
+        f"{100 * r.fallback_share:.0f}%",
+    ]
 
 
 def header_lines(result: LadderResult) -> list[str]:
@@ -98,7 +120,7 @@ def footer_lines(result: LadderResult) -> list[str]:
 def table(result: LadderResult) -> Table:
     t = Table(title="llmquant ladder", title_justify="left")
     for c in columns(result):
-        t.add_column(c, justify="left" if c == "rung" else "right")
+        t.add_column(c, justify="left" if c in ("rung", "format", "runs in") else "right")
     for row in rows(result):
         t.add_row(*row)
     return t
@@ -158,7 +180,7 @@ def plot(result: LadderResult, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
-    pts = [(r.file_bytes / 2**20, r.eval["kld_mean"], r.eval.get("ppl_ratio", 1.0), r.name)
+    pts = [(r.file_bytes / 2**20, r.eval["kld_mean"], r.eval.get("ppl_ratio", 1.0), r.name, getattr(r, "format", "gguf"))
            for r in result.rungs if r.eval]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
     for ax, idx, label in ((ax1, 1, "mean KL-divergence to the base (log)"),
@@ -174,9 +196,12 @@ def plot(result: LadderResult, path: Path) -> None:
             if line:  # one curve per kind, so the imatrix gain reads as the gap between them
                 ax.plot([xs[i] for i in line], [ys[i] for i in line], color=color, alpha=0.45, zorder=2,
                         label=kind if any(imat) else None)
-        if any(imat):
-            ax.legend(loc="upper right", fontsize=9)
-        ax.scatter(xs, ys, c=colors, s=40, zorder=3)
+        for fmt in dict.fromkeys(p[4] for p in pts):  # one marker per format
+            idx_f = [i for i, p in enumerate(pts) if p[4] == fmt]
+            ax.scatter([xs[i] for i in idx_f], [ys[i] for i in idx_f], c=[colors[i] for i in idx_f], s=40, zorder=3,
+                       marker=MARKERS.get(fmt, "o"), label=(fmt.upper() if fmt != "gguf" else "GGUF") if _mixed(result) else None)
+        if any(imat) or _mixed(result):
+            ax.legend(loc="best", fontsize=9)
         for rank, i in enumerate(order):  # alternate label sides so neighbours do not overlap
             right = not imat[i] if any(imat) else rank % 2 == 0  # with imatrix rows: +imat left, plain right
             ax.annotate(pts[i][3], (xs[i], ys[i]), textcoords="offset points", fontsize=9,
