@@ -87,6 +87,11 @@ def test_same_entries_counts_and_sums(pair):
     print(f"\n{identical} of {len(theirs.entries)} entries bit-identical; largest relative difference {worst:.3g}")
 
 
+def test_whole_file_identical(pair):
+    """Same sums, same keys, same tensor table (ggml_n_dims dimensions), same padding: the bytes."""
+    assert pair["ours"].read_bytes() == pair["theirs"].read_bytes()
+
+
 @pytest.mark.parametrize("ftype", ["Q4_K_M", "Q2_K"])
 def test_llama_quantize_writes_the_same_bytes_with_our_file(tools, f32, pair, work, ftype):
     outs = {}
