@@ -5,7 +5,8 @@ own; llama-imatrix reads our GGUF and .dat back (its --in-file loader) without c
 
 The tools are built once by bench/_llama_build.py when missing (one cmake build shared by every test
 here; about 25-40 minutes on 2 cores, seconds when $LLMQUANT_LLAMA_CACHE already holds them). The
-comparison itself takes about 2 minutes on 2 idle cores.
+comparison itself (two 8-chunk collections, two llama-quantize runs per type) took 19.4 minutes on
+the shared machine at load ~20; on 2 idle cores it should be about 2-3 minutes.
 """
 
 from __future__ import annotations
