@@ -80,9 +80,9 @@ class _Inp:
         self.name, self.op, self.x, self.weight_ne, self.ids = name, op, x, weight_ne, ids
 
 
-def _fma_rows(acc: np.ndarray, rows: np.ndarray) -> None:
-    for row in rows:  # acc[j] += x[j]*x[j], contracted to one rounding (fma)
-        acc[:] = (acc.astype(np.float64) + row.astype(np.float64) ** 2).astype(np.float32)
+def _add_rows(acc: np.ndarray, rows: np.ndarray) -> None:
+    for row in rows:  # acc[j] += x[j]*x[j] in float32: the product rounded, then the sum
+        acc[:] = acc + row * row
 
 
 def test_dense_accumulation_is_imatrix_cpp():
@@ -92,7 +92,7 @@ def test_dense_accumulation_is_imatrix_cpp():
     for n in (20, 33):
         x = rng.standard_normal((1, 1, n, 48)).astype(np.float32) * 3
         s.add(_Inp("blk.0.attn_q.weight", "MUL_MAT", x, (48, 8, 1, 1)))
-        _fma_rows(ref, x[0, 0])
+        _add_rows(ref, x[0, 0])
     e = s.entries["blk.0.attn_q.weight"]
     assert e.counts.tolist() == [53]
     np.testing.assert_array_equal(e.sums[0], ref)
@@ -109,7 +109,7 @@ def test_strided_and_3d_weights():
     assert e.sums.shape == (2, 32) and e.counts.tolist() == [17]
     for m in range(2):
         ref = np.zeros(32, np.float32)
-        _fma_rows(ref, x[0, m])
+        _add_rows(ref, x[0, m])
         np.testing.assert_array_equal(e.sums[m], ref)
 
 
@@ -129,7 +129,7 @@ def test_moe_accumulation_per_expert():
         for idx in range(n_used):
             for row in range(n_tok):
                 ex = ids[row, idx]
-                _fma_rows(sums[ex], x[0, row, idx % ne1][None])
+                _add_rows(sums[ex], x[0, row, idx % ne1][None])
                 counts[ex] += 1
         e = s.entries[name]
         np.testing.assert_array_equal(e.sums, sums)

@@ -10,8 +10,8 @@ one row of sums per expert; the text tokenized with BOS as the vocabulary asks, 
 The forward pass itself is the runtime's (dependency injection, calib imports no runtime): a
 *tap* with ``select`` / ``sink`` attributes, ``tokenize``, ``add_bos``, ``bos``, ``n_seq`` and
 ``decode_chunks`` (``llmquant.runtime.llama.MatmulTap``). Sums are float32 added one token at a
-time, as ``acc[j] += x[j] * x[j]`` in imatrix.cpp compiles with -march=native (fused multiply-add:
-one rounding per token), so that the file holds llama-imatrix's own numbers.
+time in imatrix.cpp's order and rounding (``acc[j] += x[j] * x[j]``), so the file holds
+llama-imatrix's own numbers, bit for bit.
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ MIN_ROWS = 16
 
 @njit(nogil=True, cache=True)
 def _add_squares(acc, rows):  # pragma: no cover - compiled
-    """acc[j] = fma(x, x, acc[j]) for each row x in order: float32 with one rounding per step
-    (the float64 sum of a float32 square, exact in float64, and a float32 rounds once more only
-    on a double-rounding tie)."""
+    """acc[j] += x[j] * x[j] for each row x in order, in float32 with a rounding after the
+    product and after the sum (no fused multiply-add): bit-identical to llama-imatrix's loop as
+    built from the vendored source (checked on all 210 entries of the default model)."""
     n, m = rows.shape
     for i in range(n):
         for j in range(m):
-            x = np.float64(rows[i, j])
-            acc[j] = np.float32(np.float64(acc[j]) + x * x)
+            x = rows[i, j]
+            acc[j] = np.float32(acc[j] + np.float32(x * x))
 
 
 @dataclass

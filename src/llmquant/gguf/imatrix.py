@@ -442,8 +442,11 @@ def _write_gguf(tmp: Path, entries, *, datasets, chunk_count, chunk_size) -> Non
     for name, sums, counts in _sorted_entries(entries):
         if sums.size == 0 or counts.size == 0:
             continue
-        w.add_tensor(f"{name}{_SUM_SUFFIX}", sums)  # numpy (n_mat, n_per_row) = ggml [n_per_row, n_mat]
-        w.add_tensor(f"{name}{_COUNT_SUFFIX}", counts.astype(np.float32).reshape(-1, 1))
+        # numpy (n_mat, n_per_row) = ggml [n_per_row, n_mat]; gguf_write_to_file records
+        # ggml_n_dims dimensions (trailing 1s dropped): [n_per_row] and [1] for a dense weight
+        c = counts.astype(np.float32).reshape(-1, 1)
+        w.add_tensor(f"{name}{_SUM_SUFFIX}", sums.reshape(-1) if counts.size == 1 else sums)
+        w.add_tensor(f"{name}{_COUNT_SUFFIX}", c.reshape(-1) if counts.size == 1 else c)
     check_free_space(tmp.parent, planned_size(w), what=tmp.name.removeprefix(TEMP_PREFIX).split("-", 2)[2])  # exact
     w.write_header_to_file()
     w.write_kv_data_to_file()
