@@ -1,5 +1,6 @@
-"""Build llama.cpp's tools once (Release, CPU, no network code), cached in bench/.cache/ (or in
-$LLMQUANT_LLAMA_CACHE, so that several checkouts share one build).
+"""Build llama.cpp's tools once (Release, CPU, no network code), cached in ~/.cache/llmquant/llama.cpp
+(or $LLMQUANT_LLAMA_CACHE): one build serves every checkout, clean CI clones included. The first build
+takes about 15-25 minutes on 2 cores; the tests that compare with llama.cpp's tools call it.
 
 The sources are the llama.cpp vendored in llama-cpp-python 0.3.36, the same version llmquant's
 runtime links, so both sides run the same kernels. If /tmp/src is missing the sdist is fetched
@@ -15,7 +16,7 @@ import tarfile
 from pathlib import Path
 
 VERSION = "0.3.36"
-CACHE = Path(os.environ.get("LLMQUANT_LLAMA_CACHE") or Path(__file__).parent / ".cache")
+CACHE = Path(os.environ.get("LLMQUANT_LLAMA_CACHE") or Path.home() / ".cache" / "llmquant" / "llama.cpp")
 SRC_CANDIDATES = [Path(f"/tmp/src/llama_cpp_python-{VERSION}/vendor/llama.cpp"),
                   CACHE / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"]
 
