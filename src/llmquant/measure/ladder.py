@@ -165,7 +165,9 @@ def as_gguf(model: str | Path | None, out: Path, threads: int, state: LadderStat
     from ..hf.source import HFSource
 
     with HFSource(src) as hf:
-        ftype = hf.guessed_ftype()
+        # at the stored precision: convert's "auto" would round F32 weights to F16
+        stored = next((t.src_dtype for t in hf.tensors if t.src_dtype != "generated" and len(t.shape) >= 2), None)
+        ftype = LlamaFileType.ALL_F32 if stored == "F32" else hf.guessed_ftype()
         dst = out / default_output_name(hf, ftype)
         need = sum(t.n_elements for t in hf.tensors) * (4 if ftype == LlamaFileType.ALL_F32 else 2)
     key = fingerprint("convert", folder_fingerprint(src), ftype_name(ftype), __version__)
