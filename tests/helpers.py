@@ -115,3 +115,26 @@ def assert_same_blocks(ours: np.ndarray, theirs: np.ndarray, type_size: int, wha
         f"worst is block {worst} ({int(n_bytes.max())} bytes differ)\n"
         f"  ours:    {blocks_a[worst].tobytes().hex()}\n  libggml: {blocks_b[worst].tobytes().hex()}"
     )
+
+
+def wait_for_url(proc, log, *, timeout: float = 60, what: str = "server", suffix: str = "/v1") -> str:
+    """The http://HOST:PORT a started `llmquant serve`/`ui` subprocess announces on stdout (its
+    ``suffix`` removed); kills it and raises with the end of its log if none comes in ``timeout`` s."""
+    import select
+    import time
+
+    url = None
+    deadline = time.monotonic() + timeout
+    while url is None and time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if ready:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if "http://" in line:
+                url = line.split("http://", 1)[1].split()[0].removesuffix(suffix)
+    if url is None:
+        proc.kill()
+        log.seek(0)
+        raise RuntimeError(f"{what} did not start: {log.read()[-2000:]}")
+    return f"http://{url}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import select
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import pytest
 ollama = pytest.importorskip("ollama")
 jsonschema = pytest.importorskip("jsonschema")
 
-from helpers import default_model_path
+from helpers import default_model_path, wait_for_url
 
 KEY = "ollama-test-key"
 MODEL = "smollm2:135m-instruct-q4_1"
@@ -36,21 +35,7 @@ def start_server(home, *args: str) -> tuple[subprocess.Popen, str, object]:
     log = (home / "server.log").open("w+")
     proc = subprocess.Popen([sys.executable, "-m", "llmquant", "serve", "--port", "0", "--threads", "1",
                              "--ctx", str(CTX), *args], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    url = None
-    deadline = time.monotonic() + 90
-    while url is None and time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if ready:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if "http://" in line:
-                url = line.split("http://", 1)[1].split()[0].removesuffix("/v1")
-    if url is None:
-        proc.kill()
-        log.seek(0)
-        raise RuntimeError(f"server did not start: {log.read()[-2000:]}")
-    return proc, f"http://{url}", log
+    return proc, wait_for_url(proc, log, timeout=90, what="server"), log
 
 
 def stop_server(proc, log) -> str:

@@ -10,7 +10,6 @@ import asyncio
 import http.client
 import json
 import os
-import select
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from helpers import default_model_path
+from helpers import default_model_path, wait_for_url
 
 KEY = "test-key-123"
 MODEL = "smollm2:135m-instruct-q4_1"
@@ -52,21 +51,7 @@ def server(tmp_path_factory):
          "--ctx", str(CTX), "--api-key", KEY],
         stdout=subprocess.PIPE, stderr=log, text=True, env=env,
     )
-    url = None
-    deadline = time.monotonic() + 60
-    while url is None and time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if ready:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if "http://" in line:
-                url = line.split("http://", 1)[1].split()[0].removesuffix("/v1")
-    if url is None:
-        proc.kill()
-        log.seek(0)
-        raise RuntimeError(f"server did not start: {log.read()[-2000:]}")
-    base = f"http://{url}"
+    base = wait_for_url(proc, log, timeout=60, what="server")
     yield base
     proc.terminate()
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_for_url
 
 pytestmark = pytest.mark.slow
 KEY = "web-test-key"
@@ -39,21 +39,7 @@ def ui_server(tmp_path_factory):
     log = (home / "server.log").open("w+")
     proc = subprocess.Popen([sys.executable, "-m", "llmquant", "ui", "--port", "0", "--api-key", KEY, "--ctx", "1024",
                              "--reports", str(reports)], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    url = None
-    deadline = time.monotonic() + 60
-    while url is None and time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if ready:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if "http://" in line:
-                url = line.split("http://", 1)[1].split()[0].rstrip("/")
-    if url is None:
-        proc.kill()
-        log.seek(0)
-        raise RuntimeError(f"ui did not start: {log.read()[-2000:]}")
-    yield f"http://{url}"
+    yield wait_for_url(proc, log, timeout=60, what="ui", suffix="/")
     proc.terminate()
     proc.wait(timeout=15)
     log.seek(0)
