@@ -211,6 +211,7 @@ np.savez({str(folder / "_gptqmodel.npz")!r}, **out)
     return data
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.skipif(not GPTQMODEL_PY.exists(), reason=f"no GPTQModel venv at {GPTQMODEL_PY.parent.parent}")
 @pytest.mark.parametrize("fmt,kw", [("gptq", dict(method="gptq", act_order="group")), ("gptq", dict(method="gptq", act_order="static", sym=False)),
@@ -301,6 +302,7 @@ def test_kill_mid_run_leaves_no_output_folder(tiny, tmp_path, sig):
 
 
 # -- the default model ---------------------------------------------------------------------------------------
+@pytest.mark.long
 @pytest.mark.slow
 def test_default_model_gptq_generates_coherent_text(tmp_path):
     """SmolLM2-135M as an HF folder -> GPTQ W4A16 g64 (compressed-tensors) -> transformers greedy text."""
@@ -325,6 +327,7 @@ def test_default_model_gptq_generates_coherent_text(tmp_path):
 LLMCOMPRESSOR_PY = Path(os.environ.get("LLMCOMPRESSOR_VENV", "/work/venvs/gptq-llmcompressor")) / "bin" / "python"
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.skipif(not LLMCOMPRESSOR_PY.exists(), reason=f"no llm-compressor venv at {LLMCOMPRESSOR_PY.parent.parent}")
 def test_asymmetric_compressed_tensors_export_loads_in_transformers_5_17(tiny, tmp_path):

@@ -39,6 +39,7 @@ def smol_imatrix(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("name", list(FILE_FTYPES))
 def test_smollm2_file_identical_to_llama_quantize(smol_imatrix, tmp_path, name):
     ftype = FILE_FTYPES[name]
