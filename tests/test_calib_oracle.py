@@ -119,7 +119,9 @@ def test_llama_imatrix_reads_our_files_back(tools, pair, work):
     the same entries, and our reader reads both as llama-quantize would."""
     ours = load_imatrix_raw(pair["ours"])
     back = work / "back.gguf"
-    subprocess.run([str(tools["imatrix"]), "--in-file", str(pair["ours"]), "-o", str(back)], check=True, capture_output=True)
+    # llama-imatrix wants -m even when it only combines --in-file matrices (it loads no weights then)
+    model = ["-m", str(default_model_path())]
+    subprocess.run([str(tools["imatrix"]), *model, "--in-file", str(pair["ours"]), "-o", str(back)], check=True, capture_output=True)
     again = load_imatrix_raw(back)
     assert sorted(again.entries) == sorted(ours.entries) and again.chunk_count == ours.chunk_count
     for n, (sums, counts) in ours.entries.items():
@@ -129,7 +131,7 @@ def test_llama_imatrix_reads_our_files_back(tools, pair, work):
     dat = work / "ours.dat"
     make_imatrix(default_model_path(), None, dat, in_files=[pair["ours"]])
     back_dat = work / "back.dat"
-    subprocess.run([str(tools["imatrix"]), "--in-file", str(dat), "--output-format", "dat", "-o", str(back_dat)],
+    subprocess.run([str(tools["imatrix"]), *model, "--in-file", str(dat), "--output-format", "dat", "-o", str(back_dat)],
                    check=True, capture_output=True)
     mine, theirs = load_imatrix(dat), load_imatrix(back_dat)
     assert mine.format == theirs.format == "legacy" and sorted(mine.entries) == sorted(theirs.entries)
