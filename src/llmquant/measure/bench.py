@@ -52,34 +52,40 @@ def bench_model(
     with GGUFSource(path) as src:
         n_params = src.n_params
     rng = np.random.default_rng(seed)
-    pp, tg = [], []
     options = LoadOptions(**options) if isinstance(options, dict) else options or LoadOptions()
     with Model(path, **options.model_kwargs(n_ctx=max(n_prompt + n_gen + 8, 64), threads=threads,
                                             n_batch=max(n_prompt, 32))) as m:
-        vocab = m.n_vocab
         n_threads = m.threads
         offload = m.offload.to_dict()
-        warm = [int(t) for t in rng.integers(0, vocab, 8)]
-        m.eval_tokens(warm, reset=True)
-        for _ in range(repetitions):
-            if n_prompt:
-                tokens = [int(t) for t in rng.integers(0, vocab, n_prompt)]
-                t0 = time.perf_counter()
-                m.eval_tokens(tokens, reset=True)
-                pp.append(n_prompt / (time.perf_counter() - t0))
-            if n_gen:
-                m.eval_tokens([int(rng.integers(0, vocab))], reset=True)
-                t0 = time.perf_counter()
-                for t in rng.integers(0, vocab, n_gen):
-                    m.eval_tokens([int(t)])
-                tg.append(n_gen / (time.perf_counter() - t0))
+        (pp_m, pp_s), (tg_m, tg_s) = time_pp_tg(m, rng, n_prompt, n_gen, repetitions)
+    return SpeedResult(str(path), path.stat().st_size, n_params, n_threads, n_prompt, n_gen,
+                       pp_m, pp_s, tg_m, tg_s, repetitions, offload=offload)
+
+
+def time_pp_tg(m, rng, n_prompt: int, n_gen: int, repetitions: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """llama-bench's two measurements on a loaded model (anything with ``n_vocab`` and
+    ``eval_tokens(tokens, reset=)``: llama.cpp or transformers): pp = a prompt of ``n_prompt`` random
+    tokens in one batch from an empty cache, tg = ``n_gen`` tokens one at a time; (mean, std) tok/s of each."""
+    vocab = m.n_vocab
+    pp, tg = [], []
+    m.eval_tokens([int(t) for t in rng.integers(0, vocab, 8)], reset=True)  # warm-up
+    for _ in range(repetitions):
+        if n_prompt:
+            tokens = [int(t) for t in rng.integers(0, vocab, n_prompt)]
+            t0 = time.perf_counter()
+            m.eval_tokens(tokens, reset=True)
+            pp.append(n_prompt / (time.perf_counter() - t0))
+        if n_gen:
+            m.eval_tokens([int(rng.integers(0, vocab))], reset=True)
+            t0 = time.perf_counter()
+            for t in rng.integers(0, vocab, n_gen):
+                m.eval_tokens([int(t)])
+            tg.append(n_gen / (time.perf_counter() - t0))
 
     def mean_std(v):
         return (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0) if v else (0.0, 0.0)
 
-    (pp_m, pp_s), (tg_m, tg_s) = mean_std(pp), mean_std(tg)
-    return SpeedResult(str(path), path.stat().st_size, n_params, n_threads, n_prompt, n_gen,
-                       pp_m, pp_s, tg_m, tg_s, repetitions, offload=offload)
+    return mean_std(pp), mean_std(tg)
 
 
 def probe(path: str | Path, **kwargs) -> SpeedResult:

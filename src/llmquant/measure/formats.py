@@ -13,7 +13,6 @@ transformers on this machine in a fresh process (peak RSS), and the engines that
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -129,31 +128,13 @@ def bench_torch(folder: str | Path, *, load: str | None = None, n_prompt: int = 
     tg (``n_gen`` tokens one at a time with the KV cache) for an HF folder in transformers."""
     from ..runtime.torch import TorchModel
 
-    rng = np.random.default_rng(seed)
-    pp, tg = [], []
-    with TorchModel(folder, load=load, threads=threads) as m:
-        vocab = m.n_vocab
-        m.eval_tokens([int(t) for t in rng.integers(0, vocab, 8)], reset=True)  # warm-up
-        for _ in range(repetitions):
-            if n_prompt:
-                tokens = [int(t) for t in rng.integers(0, vocab, n_prompt)]
-                t0 = time.perf_counter()
-                m.eval_tokens(tokens, reset=True)
-                pp.append(n_prompt / (time.perf_counter() - t0))
-            if n_gen:
-                m.eval_tokens([int(rng.integers(0, vocab))], reset=True)
-                t0 = time.perf_counter()
-                for t in rng.integers(0, vocab, n_gen):
-                    m.eval_tokens([int(t)])
-                tg.append(n_gen / (time.perf_counter() - t0))
-        facts = {"size_bytes": m.file_bytes, "n_params": m.n_params, "memory_bytes": m.memory_bytes}
-
-    def mean_std(v):
-        return (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0) if v else (0.0, 0.0)
-
     from ..system import default_threads
+    from .bench import time_pp_tg
 
-    (pp_m, pp_s), (tg_m, tg_s) = mean_std(pp), mean_std(tg)
+    rng = np.random.default_rng(seed)
+    with TorchModel(folder, load=load, threads=threads) as m:
+        (pp_m, pp_s), (tg_m, tg_s) = time_pp_tg(m, rng, n_prompt, n_gen, repetitions)
+        facts = {"size_bytes": m.file_bytes, "n_params": m.n_params, "memory_bytes": m.memory_bytes}
     return {"model": str(folder), **facts, "threads": default_threads(threads), "n_prompt": n_prompt, "n_gen": n_gen,
             "pp_tps": pp_m, "pp_std": pp_s, "tg_tps": tg_m, "tg_std": tg_s, "repetitions": repetitions,
             "runtime": "transformers"}
