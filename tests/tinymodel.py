@@ -75,3 +75,39 @@ def write_tiny_llama(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_tiny_llama_with_vocab(path: Path, *, n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, seed=0,
+                                tied=True) -> Path:
+    """A tiny random llama (F32) with the embedded default model's tokenizer and chat template, so
+    that text can be fed to it (calibration, generation)."""
+    from gguf import GGUFValueType
+
+    from llmquant.gguf.source import GGUFSource
+    from llmquant.gguf.writer import AtomicGGUFWriter
+    from llmquant.models import default_model_path
+
+    with GGUFSource(default_model_path()) as src:
+        n_vocab = int(src.get("llama.vocab_size") or len(src.get("tokenizer.ggml.tokens")))
+        w = AtomicGGUFWriter(path, "llama", force=True)
+        for key, f in src.fields.items():
+            if key.startswith("tokenizer."):
+                w.add_field(f)
+    U32, F32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
+    for key, value, vtype in [
+        ("general.name", "tiny-llama-vocab-test", GGUFValueType.STRING), ("general.file_type", 0, U32),
+        ("llama.block_count", n_layer, U32), ("llama.context_length", 1024, U32),
+        ("llama.embedding_length", n_embd, U32), ("llama.feed_forward_length", n_ff, U32),
+        ("llama.attention.head_count", n_head, U32), ("llama.attention.head_count_kv", n_head_kv, U32),
+        ("llama.rope.dimension_count", n_embd // n_head, U32), ("llama.attention.layer_norm_rms_epsilon", 1e-5, F32),
+        ("llama.vocab_size", n_vocab, U32),
+    ]:
+        w.set(key, value, vtype)
+    tensors = llama_tensors(n_layer, n_embd, n_head, n_head_kv, n_ff, n_vocab, tied, seed)
+    for name, arr in tensors:
+        w.add_tensor_info(name, tuple(reversed(arr.shape)), GGMLQuantizationType.F32)
+    w.start()
+    for name, arr in tensors:
+        w.write_tensor(name, arr)
+    w.commit()
+    return path

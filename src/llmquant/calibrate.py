@@ -24,6 +24,7 @@ from .calib.stats import (
     read_text,
 )
 from .errors import CalibrationError, DestinationError
+from .system import available_memory
 from .gguf.imatrix import load_imatrix_raw, save_imatrix
 
 DEFAULT_OUTPUT = "imatrix.gguf"
@@ -182,4 +183,122 @@ def auto_imatrix(
     tmp = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, sidecar)
+    return result
+
+
+# -- quantize --refine -----------------------------------------------------------------------------------
+
+DEFAULT_REFINE_CHUNKS = 32  # 16 k tokens of 512: XᵀX of full rank for inputs up to ~16 k wide
+
+
+def hessian_bytes(model: str | Path) -> int:
+    """Memory the per-layer XᵀX of ``model`` will take (float64; q/k/v and gate/up share one)."""
+    from .gguf.source import GGUFSource
+
+    shared = ("attn_k.", "attn_v.", "ffn_up.")
+    with GGUFSource(model) as src:
+        return sum(8 * t.shape[0] ** 2 for t in src.tensors
+                   if t.name.startswith("blk.") and len(t.shape) == 2 and t.name.endswith(".weight")
+                   and not any(f".{s}" in t.name for s in shared) and "norm" not in t.name)
+
+
+def collect_hessians(
+    model: str | Path,
+    text: str | Path | None = None,
+    *,
+    n_ctx: int = 512,
+    chunks: int | None = DEFAULT_REFINE_CHUNKS,
+    threads: int | None = None,
+    progress: Callable[[Progress], None] | None = None,
+):
+    """Each ``blk.*`` weight's H = 2/n·XᵀX over ``text`` (the shipped calibration text when None),
+    from llama.cpp's forward pass of ``model``: what ``quantize --refine`` optimises against."""
+    from .calib.refine import HessianStats
+    from .calib.stats import run_chunks
+    from .runtime.llama import MatmulTap
+
+    need = hessian_bytes(model)
+    avail = available_memory()
+    if need > avail * 0.8:
+        raise CalibrationError(
+            f"{model}: --refine keeps every layer's input statistics, {need / 2**30:.1f} GiB, and "
+            f"{avail / 2**30:.1f} GiB of memory is free; refine a smaller model or free memory"
+        )
+    text_path = Path(text) if text is not None else default_calibration_path()
+    body = read_text(text_path)
+    stats = HessianStats()
+    with MatmulTap(model, select=stats.wants, sink=stats.add, n_ctx=n_ctx, threads=threads) as tap:
+        run_chunks(tap, body, n_ctx=n_ctx, chunks=chunks, progress=progress)
+    if not stats.hessians:
+        raise CalibrationError(f"{model}: no matrix multiplication with a 'blk.*' weight; nothing to refine against")
+    return stats
+
+
+def refine_model(
+    src: str | Path,
+    dst: str | Path | None,
+    ftype,
+    *,
+    options=None,
+    text: str | Path | None = None,
+    chunks: int | None = DEFAULT_REFINE_CHUNKS,
+    n_ctx: int = 512,
+    damp: float = 0.01,
+    weighting: str = "ldl",
+    threads: int | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    progress=None,
+    chunk_progress: Callable[[Progress], None] | None = None,
+    on_tensor=None,
+    split_max_size: int = 0,
+):
+    """``quantize --refine``: llama.cpp's per-tensor types for ``ftype`` (as with an imatrix), each
+    refinable tensor encoded against its layer's XᵀX over the calibration text (calib.refine).
+    Returns the QuantizeResult, its ``refine`` dict filled in."""
+    import time
+    from dataclasses import replace
+
+    from gguf import GGUFValueType
+
+    from .calib.refine import Refiner
+    from .formats import get_format
+    from .gguf.recipes import RecipeOptions
+    from .quantize import quantize_model
+
+    options = replace(options or RecipeOptions(), has_imatrix=True)
+    if dry_run:
+        result = quantize_model(src, dst, ftype, options=options, threads=threads or 1, force=True, dry_run=True,
+                                split_max_size=split_max_size)
+        result.refine = {"dry_run": True}
+        return result
+    if dst is not None:
+        from .gguf.writer import check_destination
+
+        check_destination(dst, force=force, src=src)  # a bad destination fails before the calibration
+    t0 = time.perf_counter()
+    text_path = Path(text) if text is not None else default_calibration_path()
+    stats = collect_hessians(src, text_path, n_ctx=n_ctx, chunks=chunks, threads=threads, progress=chunk_progress)
+    t_stats = time.perf_counter() - t0
+
+    def codec(qtype):
+        fmt = get_format(qtype)
+        return (lambda w, imp: fmt.quantize(w, imp)), (lambda b, shape: fmt.dequantize(b, shape))
+
+    refiner = Refiner(stats, codec, damp=damp, weighting=weighting, on_tensor=on_tensor)
+    importance = {n: refiner.importance(n) for n in [*stats.hessians, *stats.alias]}
+    n_tokens = max(stats.counts.values())
+    settings = f"gptq damp={damp} weighting={weighting} tokens={n_tokens} ctx={n_ctx} text={text_path.name}"
+    metadata = {"llmquant.refine": (settings, GGUFValueType.STRING)}
+    result = quantize_model(src, dst, ftype, options=options, importance=importance, metadata=metadata,
+                            threads=threads or 1, force=force, progress=progress, refine=refiner,
+                            split_max_size=split_max_size)
+    reports = refiner.reports
+    result.seconds = time.perf_counter() - t0
+    result.refine = {
+        "settings": settings, "calibration_tokens": n_tokens, "statistics_seconds": round(t_stats, 2),
+        "hessian_bytes": stats.nbytes, "tensors_refined": sum(r.kept for r in reports),
+        "tensors_kept_plain": sum(not r.kept for r in reports),
+        "tensors": [r.to_dict() for r in reports],
+    }
     return result

@@ -32,6 +32,7 @@ from .gguf.writer import AtomicGGUFWriter, check_destination, tensor_nbytes
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 
 ProgressFn = Callable[[int, int, TensorPlan], None]
+RefineFn = Callable[[str, Any, np.ndarray, np.ndarray], "np.ndarray | None"]
 
 
 def plan_type_counts(plans: list[TensorPlan]) -> dict[str, dict[str, int]]:
@@ -59,6 +60,7 @@ class QuantizeResult:
     source_was_quantized: bool
     notes: list[str] = field(default_factory=list)
     importance_tensors: list[str] = field(default_factory=list)  # quantized with importance weights
+    refine: dict | None = None  # quantize --refine: settings and per-tensor diagnostics
 
     @property
     def bits_per_weight(self) -> float:
@@ -90,6 +92,7 @@ class QuantizeResult:
             ],
             "notes": self.notes,
             "importance_tensors": len(self.importance_tensors),
+            **({"refine": self.refine} if self.refine is not None else {}),
             "tensors": [
                 {"name": p.name, "shape": list(p.shape), "source_type": p.src_type.name, "type": p.type.name,
                  "bytes": tensor_nbytes(p.shape, p.type), "reason": p.reason}
@@ -123,8 +126,12 @@ def quantize_model(
     dry_run: bool = False,
     progress: ProgressFn | None = None,
     split_max_size: int = 0,
+    refine: RefineFn | None = None,
 ) -> QuantizeResult:
     """Quantize the GGUF at ``src_path`` to ``ftype`` and write ``dst_path`` atomically.
+
+    ``refine(name, type, rows, plain_bytes) -> bytes | None`` (``calib.refine.Refiner``) may replace
+    a tensor's plain encoding by a calibrated one of the same type and size.
 
     ``split_max_size`` (bytes, > 0): llama.cpp's split files ``DST-00001-of-0000N.gguf`` with at
     most that many tensor bytes each (gguf-split --split-max-size); ``destination`` is the first.
@@ -177,7 +184,7 @@ def quantize_model(
         with _prepare_writer(src, dst, ftype, plans, importance, force=force, options=options, metadata=metadata,
                              split_max_size=split_max_size) as writer:
             writer.start()
-            for i, (p, data) in enumerate(zip(plans, _quantized_tensors(src, plans, weights, threads))):
+            for i, (p, data) in enumerate(zip(plans, _quantized_tensors(src, plans, weights, threads, refine))):
                 if progress:
                     progress(i, len(plans), p)
                 writer.write_tensor(p.name, data)
@@ -291,7 +298,8 @@ def _source_values(src: GGUFSource, plan: TensorPlan) -> np.ndarray | None:
 
 
 def _quantized_tensors(
-    src: GGUFSource, plans: list[TensorPlan], importance: Mapping[str, np.ndarray], threads: int
+    src: GGUFSource, plans: list[TensorPlan], importance: Mapping[str, np.ndarray], threads: int,
+    refine: RefineFn | None = None,
 ) -> Iterator[np.ndarray]:
     """Each plan's output bytes in order. The next tensor is read and dequantized on a helper
     thread while this one is quantized, so at most two tensors' float32 copies exist at once."""
@@ -311,5 +319,7 @@ def _quantized_tensors(
                 slices = weights.reshape(experts.shape[0], -1)
                 yield np.concatenate([fmt.quantize(e, w, threads=threads, pool=workers) for e, w in zip(experts, slices)])
             else:
-                yield fmt.quantize(rows, weights, threads=threads, pool=workers)
+                plain = fmt.quantize(rows, weights, threads=threads, pool=workers)
+                better = refine(plan.name, plan.type, rows, plain) if refine is not None else None
+                yield plain if better is None else better
             del rows

@@ -31,3 +31,24 @@ def check_disk_space(folder, need: int, what: str = "file", margin: int = 64 << 
     free = free_disk_bytes(folder)
     if need + margin > free:
         raise DiskSpaceError(folder, need, free, what)
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (empty where there is none)."""
+    out = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts and parts[0].isdigit():
+                    out[key] = int(parts[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def available_memory() -> int:
+    """Bytes of memory free for a new allocation (MemAvailable; all of RAM where unknown)."""
+    info = meminfo()
+    return info.get("MemAvailable") or info.get("MemTotal") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -162,11 +162,32 @@ def _upper_cholesky_inverse(H: np.ndarray, damp: float) -> tuple[np.ndarray, flo
     raise np.linalg.LinAlgError("Hessian is not positive definite even with damping 1e5 x mean(diag)")
 
 
+def hessian_inverse_upper(H: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, float]:
+    """(U, damp used) with (H + damp·mean(diag)·I)⁻¹ = UᵀU, dead columns (diag 0) set to 1 first
+    as ``gptq`` does. One Cholesky factorisation and one triangular inverse: with R upper and
+    H = RRᵀ (the Cholesky factor of H with rows and columns reversed, reversed back),
+    H⁻¹ = R⁻ᵀR⁻¹, so U = R⁻¹ (the same U as ``_upper_cholesky_inverse``, by uniqueness)."""
+    H = np.array(H, np.float64)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    mean_diag = float(np.mean(np.diag(H)))
+    for _ in range(6):
+        Hd = H + np.eye(len(H)) * damp * mean_diag
+        try:
+            R = np.linalg.cholesky(Hd[::-1, ::-1])[::-1, ::-1]
+            U = np.linalg.inv(R)
+            return np.triu(U), damp
+        except np.linalg.LinAlgError:
+            damp *= 10
+    raise np.linalg.LinAlgError("Hessian is not positive definite even with damping 1e5 x mean(diag)")
+
+
 def gptq(W: np.ndarray, H: np.ndarray, grid: Grid, group_size: int, *, act_order: str = "none",
-         damp: float = 0.01, block_size: int = 128) -> GPTQResult:
+         damp: float = 0.01, block_size: int = 128, hinv_upper: tuple[np.ndarray, float] | None = None) -> GPTQResult:
     """Quantize ``W`` (rows = output channels, cols = input channels) against Hessian ``H`` (cols, cols).
 
-    ``group_size`` 0 means one group per row (per-channel)."""
+    ``group_size`` 0 means one group per row (per-channel). ``hinv_upper``: (U, damp) already
+    computed for this H (``hessian_inverse_upper``), with act_order "none"."""
     if act_order not in ACT_ORDERS:
         raise ValueError(f"act_order {act_order!r}; expected one of {ACT_ORDERS}")
     W = np.array(W, np.float32)
@@ -190,11 +211,15 @@ def gptq(W: np.ndarray, H: np.ndarray, grid: Grid, group_size: int, *, act_order
         perm = np.argsort(-np.diag(H), kind="stable")
         W = W[:, perm]
         H = H[perm][:, perm]
-    U, damp = _upper_cholesky_inverse(H, damp)
+    if hinv_upper is not None and act_order == "none":
+        U, damp = hinv_upper
+    else:
+        U, damp = _upper_cholesky_inverse(H, damp)
     U = U.astype(np.float32)
 
     Q = np.empty_like(W)
     fitted: dict[int, Any] = {}
+    fit_group = getattr(grid, "fit_group", None) if act_order == "none" else None  # a grid that weights each group's columns its own way
     p = None
     # inside a block, rank-1 updates only within sub-blocks of ``sub`` columns; each sub-block's errors
     # reach the rest of the block in one product (the same sums, fewer passes over memory)
@@ -215,7 +240,7 @@ def gptq(W: np.ndarray, H: np.ndarray, grid: Grid, group_size: int, *, act_order
                     j = c % g
                     if j == 0:
                         grp = W1[:, i:i + g] if c + g <= i2 else np.concatenate([W1[:, i:], W[:, i2:c + g]], axis=1)
-                        p = fitted[c // g] = grid.fit(grp)
+                        p = fitted[c // g] = fit_group(grp, c // g) if fit_group else grid.fit(grp)
                 w = W1[:, i]
                 q = grid.round(w, p, j)
                 Q[:, c] = q

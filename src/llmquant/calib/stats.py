@@ -225,9 +225,22 @@ def collect_imatrix(
     if stats is None:
         stats = ImatrixStats(chunk_size=n_ctx, process_output=process_output)
     stats.process_output = process_output
+    tap.select, tap.sink = stats.wants, stats.add
+    run_chunks(tap, text, n_ctx=n_ctx, chunks=chunks, parse_special=parse_special, progress=progress)
+    if not stats.entries:
+        raise CalibrationError("the model has no matrix multiplication with a 'blk.*' weight; nothing to collect")
+    if dataset:
+        stats.datasets.append(dataset)
+    return stats
+
+
+def run_chunks(tap: Any, text: str, *, n_ctx: int = 512, chunks: int | None = None, parse_special: bool = False,
+               progress: Callable[[Progress], None] | None = None) -> int:
+    """Decode ``text`` through ``tap`` as llama-imatrix does (chunks of ``n_ctx`` tokens, the first
+    of each made BOS, ``tap.n_seq`` chunks per decode); its sink sees every matmul. Returns the
+    number of chunks."""
     tokens = np.asarray(tap.tokenize(text, parse_special=parse_special), dtype=np.int32)
     n_chunk = plan_chunks(len(tokens), n_ctx, chunks)
-    tap.select, tap.sink = stats.wants, stats.add
     n_seq = int(tap.n_seq)
     bos = tap.bos if tap.add_bos else None
     t0 = time.perf_counter()
@@ -244,11 +257,7 @@ def collect_imatrix(
         done = i + len(group)
         if progress:
             progress(Progress(done, n_chunk, done * n_ctx, time.perf_counter() - t0))
-    if not stats.entries:
-        raise CalibrationError("the model has no matrix multiplication with a 'blk.*' weight; nothing to collect")
-    if dataset:
-        stats.datasets.append(dataset)
-    return stats
+    return n_chunk
 
 
 def entries_from_files(stats: ImatrixStats, raw: Iterable[tuple[str, np.ndarray, np.ndarray]]) -> None:

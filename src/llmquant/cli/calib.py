@@ -20,14 +20,15 @@ from .options import JsonOpt, ModelArg, ThreadsOpt, _print_json, app, err, out
 class _ChunkProgress:
     """Chunks done, tokens/s and ETA on stderr."""
 
-    def __init__(self):
+    def __init__(self, label: str = "imatrix"):
         self.bar: Progress | None = None
         self.task = None
+        self.label = label
 
     def __call__(self, p) -> None:
         if self.bar is None:
             self.bar = Progress(
-                TextColumn("[bold]imatrix"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
+                TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
                 TextColumn("{task.fields[tps]}"), TextColumn("ETA"), TimeRemainingColumn(), console=err,
             )
             self.bar.start()
@@ -41,6 +42,7 @@ class _ChunkProgress:
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.stop()
+            self.bar = None
 
 
 @app.command()

@@ -96,6 +96,10 @@ def quantize(
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite DST if it exists.")] = False,
     name: Annotated[Optional[str], typer.Option("--name", help="Also add DST to the model store as NAME[:TAG].", show_default=False)] = None,
     split_max_size: SplitOpt = None,
+    refine: Annotated[bool, typer.Option("--refine", help="Calibrate: the same per-tensor types and bytes as llama.cpp's imatrix quant of TYPE, better values (GPTQ error feedback over each layer's inputs on the shipped calibration text, or --calib).")] = False,
+    calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration text file or folder for --refine (default: the shipped one).", show_default=False)] = None,
+    calib_chunks: Annotated[int, typer.Option("--calib-chunks", help="Chunks of 512 tokens of calibration text --refine reads (0: all).")] = 32,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="With --refine: a line per tensor (layer-output error gain, feedback ratio).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize a GGUF tensor by tensor with llama.cpp's rules; output bytes identical to llama-quantize."""
@@ -138,6 +142,15 @@ def quantize(
         tensor_types=tuple(parse_tensor_type(spec) for spec in tensor_type),
     )
     n_threads = default_threads(threads)
+    if refine:
+        if imatrix:
+            raise OptionError("--imatrix", "--refine collects its own statistics (use --calib for the text); drop --imatrix")
+        _quantize_refined(src, dst, ftype, options, calib=calib, chunks=calib_chunks or None, threads=n_threads,
+                          force=force, dry_run=dry_run, name=name, split=split_bytes(split_max_size),
+                          verbose=verbose, as_json=as_json)
+        return
+    if calib:
+        raise OptionError("--calib", "is the calibration text of --refine; add --refine (or give an imatrix with --imatrix)")
     if imatrix == "auto":
         from pathlib import Path
 
@@ -175,6 +188,48 @@ def quantize(
         chunks = f", {imat.chunk_count} chunks" if imat.chunk_count else ""
         out.print(f"importance matrix {imatrix} ({len(imat.entries)} entries{chunks}): "
                   f"{'would weight' if dry_run else 'weighted'} {len(result.importance_tensors)} tensors", highlight=False)
+
+
+def _quantize_refined(src, dst, ftype, options, *, calib, chunks, threads, force, dry_run, name, split, verbose,
+                      as_json) -> None:
+    from ..calibrate import refine_model
+    from ..gguf.recipes import ftype_name
+
+    def show(rep) -> None:
+        if verbose and not as_json:
+            what = f"{rep.gain:.2f}x lower layer-output error" if rep.kept else "kept the plain encoding"
+            out.print(f"[dim]{rep.name} {rep.type}: {what}, feedback ratio {rep.feedback_ratio:.3f}, "
+                      f"{rep.seconds:.1f} s[/dim]", highlight=False)
+
+    kw = dict(options=options, text=calib, chunks=chunks, threads=threads, force=force, dry_run=dry_run,
+              on_tensor=show, split_max_size=split)
+    if as_json or dry_run:
+        result = refine_model(src, dst, ftype, **kw)
+    else:
+        from .calib import _ChunkProgress
+
+        with _ChunkProgress("statistics") as chunk_progress, _TensorProgress(ftype_name(ftype) + " refined") as bar:
+            def progress(*a) -> None:
+                chunk_progress.__exit__(None, None, None)  # one live display at a time
+                bar(*a)
+
+            result = refine_model(src, dst, ftype, progress=progress, chunk_progress=chunk_progress, **kw)
+    stored = None
+    if name and not dry_run and result.destination:
+        from ..store import register
+
+        stored = register(result.destination, name)
+    if as_json:
+        _print_json({**result.to_dict(), **({"stored_as": stored.name} if stored else {})})
+        return
+    _render_quantize(result, dry_run)
+    if stored:
+        out.print(f"stored as {stored.name}", highlight=False)
+    if not dry_run:
+        r = result.refine
+        out.print(f"refined {r['tensors_refined']} tensors against {r['calibration_tokens']:,} calibration tokens "
+                  f"(statistics {r['statistics_seconds']:.1f} s); {r['tensors_kept_plain']} kept their plain "
+                  "imatrix encoding, which had the lower layer-output error", highlight=False)
 
 
 def _llama_quantize_args(args: list[str], dry_run: bool) -> tuple[list[str], Optional[str], Optional[str]]:

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, replace
 
 from ..errors import LlmquantError
-from ..system import default_threads
+from ..system import default_threads, meminfo
 
 GiB = 1 << 30
 
@@ -170,20 +170,6 @@ def custom_machine(ram: int, vram: int | None = None, *, bandwidth: float | None
 
 # -- this machine --------------------------------------------------------------------------------------
 
-def _meminfo() -> dict[str, int]:
-    out = {}
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                parts = rest.split()
-                if parts and parts[0].isdigit():
-                    out[key] = int(parts[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
 def cpu_isa() -> str:
     """Which of llama.cpp's CPU repack paths this CPU takes (from /proc/cpuinfo flags)."""
     try:
@@ -231,7 +217,7 @@ def measure_bandwidth(seconds: float = 0.5, size: int = 256 << 20, threads: int 
 
 
 def this_machine(*, bandwidth: float | None = None) -> Machine:
-    info = _meminfo()
+    info = meminfo()
     ram = info.get("MemTotal") or (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     avail = info.get("MemAvailable", ram)
     bw = bandwidth if bandwidth is not None else measure_bandwidth()

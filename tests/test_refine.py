@@ -1,0 +1,186 @@
+"""quantize --refine: calibrated values in ordinary ggml blocks.
+
+References: libggml (through ctypes) decodes every block we pack and encodes the llama.cpp imatrix
+baseline; llama.cpp's own ``llama_model_quantize`` plans the comparison file; llama-cpp-python loads
+and runs the refined file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from llmquant.calib import refine as R
+from llmquant.calib.gptq import hessian_update
+from llmquant.formats import get_format
+from llmquant.runtime.reference import dequantize as ggml_dequantize
+from llmquant.runtime.reference import quantize_chunk
+
+BLOCK_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL]
+K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+
+
+def _codec(qtype):
+    fmt = get_format(qtype)
+    return (lambda w, imp: fmt.quantize(w, imp)), (lambda b, shape: fmt.dequantize(b, shape))
+
+
+def _layer(rows=48, cols=512, n=4096, seed=0):
+    """W, and H = 2/n XᵀX of inputs with correlated columns and a few loud channels (as real
+    attention/FFN inputs have)."""
+    rng = np.random.default_rng(seed)
+    W = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+    mix = rng.standard_normal((cols, cols)) * 0.3 + np.eye(cols)
+    X = rng.standard_normal((n, cols)) @ mix * np.exp(rng.standard_normal(cols))
+    H, _ = hessian_update(None, 0, X.astype(np.float32))
+    return W, H
+
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda t: t.name)
+def test_packed_blocks_decode_in_libggml_to_the_grid_values(qtype):
+    rng = np.random.default_rng(int(qtype))
+    grid = R.BlockGrid(qtype)
+    rows, nb = 5, 7
+    codes = rng.integers(grid.lo, grid.hi + 1, size=(rows, nb, 32)).astype(np.int32)
+    d = R._f16(rng.uniform(-0.1, 0.1, (rows, nb)))
+    m = R._f16(rng.uniform(-0.2, 0.0, (rows, nb))) if grid.kind == "asym" else None
+    data = R.pack_blocks(qtype, codes, d, m)
+    assert data.shape == (rows, get_format(qtype).row_size(nb * 32))
+    want = np.stack([grid.values(codes[:, k], R.BlockParams(d[:, k], None if m is None else m[:, k]))
+                     for k in range(nb)], axis=1).reshape(rows, -1)
+    theirs = ggml_dequantize(qtype, data.reshape(-1), rows * nb * 32).reshape(rows, -1)
+    np.testing.assert_array_equal(theirs, want)
+    np.testing.assert_array_equal(get_format(qtype).dequantize(data, (rows, nb * 32)), want)
+
+
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
+def test_k_codes_replaced_in_place_decode_in_libggml_as_the_grid_says(qtype):
+    rng = np.random.default_rng(int(qtype))
+    W = (rng.standard_normal((6, 512)) * 0.05).astype(np.float32)
+    encode, decode = _codec(qtype)
+    top = R.K_CODES[qtype][0]
+    grid = R.KGrid(qtype, encode, decode)
+    for k in range(2):
+        p = grid.fit(W[:, k * 256:(k + 1) * 256])
+        codes = rng.integers(0, top + 1, size=(6, 256))
+        data = R.pack_k_codes(qtype, p.data, codes)
+        # scales and mins untouched: re-encoding the values gives back exactly these codes
+        theirs = ggml_dequantize(qtype, data.reshape(-1), 6 * 256).reshape(6, 256)
+        np.testing.assert_array_equal(decode(data, (6, 256)), theirs)
+        np.testing.assert_allclose(theirs, p.v0 + p.step * codes, rtol=0, atol=1e-6 * np.abs(theirs).max())
+        np.testing.assert_array_equal(grid.codes(theirs, p), np.where(p.step != 0, codes, 0))
+        # the non-code bytes (d, dmin, sub-block scales) are the encoder's
+        assert (data != p.data).any()
+
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES + K_TYPES, ids=lambda t: t.name)
+def test_refine_beats_llama_cpp_imatrix_on_the_layer_output(qtype):
+    """On a small matrix with known inputs X, tr(ΔHΔᵀ) of the refined encoding is below that of
+    libggml's own imatrix-weighted encoding (importance E[x²]) of the same matrix."""
+    W, H = _layer(seed=int(qtype))
+    encode, decode = _codec(qtype)
+    imatrix = (np.diag(H) / 2).astype(np.float32)
+    theirs = quantize_chunk(qtype, W, imatrix if get_format(qtype).uses_importance else None)
+    e_llama = R.output_error(W - ggml_dequantize(qtype, theirs.reshape(-1), W.size).reshape(W.shape), H)
+    r = R.refine_tensor(W, H, qtype, encode, decode, plain=theirs)
+    got = ggml_dequantize(qtype, r.data.reshape(-1), W.size).reshape(W.shape)
+    np.testing.assert_array_equal(got, r.values)
+    e_refined = R.output_error(W - got, H)
+    print(f"{qtype.name}: layer-output error llama.cpp imatrix {e_llama:.5g}, refined {e_refined:.5g} "
+          f"({e_llama / e_refined:.2f}x lower); feedback ratio {r.feedback_ratio:.3f}")
+    assert r.kept and r.data.shape == theirs.shape
+    assert e_refined < 0.8 * e_llama
+
+
+def test_refine_keeps_the_plain_encoding_when_it_is_better():
+    """With H = I (no correlation, no importance) feedback has nothing to work with; whatever
+    the refined result, the kept one is never worse than the plain encoding."""
+    rng = np.random.default_rng(3)
+    W = (rng.standard_normal((16, 256)) * 0.05).astype(np.float32)
+    H = np.eye(256) * 2.0
+    encode, decode = _codec(T.Q4_K)
+    plain = encode(W, None)
+    r = R.refine_tensor(W, H, T.Q4_K, encode, decode, plain=plain)
+    assert r.error <= r.plain_error
+    if not r.kept:
+        np.testing.assert_array_equal(r.data, plain)
+
+
+def test_feedback_ratio_is_one_without_correlation_and_small_with_it():
+    assert R.feedback_ratio(np.diag(np.linspace(1, 3, 64)), damp=0.0) == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((2000, 4))
+    X = base @ rng.standard_normal((4, 64)) + 0.05 * rng.standard_normal((2000, 64))  # rank ~4 + noise
+    H, _ = hessian_update(None, 0, X)
+    assert R.feedback_ratio(H) < 0.1
+
+
+def test_hessians_share_one_matrix_for_one_input_and_refuse_a_changed_one():
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    stats = R.HessianStats()
+    x = rng.standard_normal((1, 1, 32, 8)).astype(np.float32)
+    for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight"):
+        stats.add(SimpleNamespace(name=name, op="MUL_MAT", x=x, weight_ne=(8, 8, 1, 1)))
+    y = rng.standard_normal((1, 1, 32, 8)).astype(np.float32)
+    stats.add(SimpleNamespace(name="blk.0.attn_output.weight", op="MUL_MAT", x=y, weight_ne=(8, 8, 1, 1)))
+    assert set(stats.hessians) == {"blk.0.attn_q.weight", "blk.0.attn_output.weight"}
+    H, _ = hessian_update(None, 0, x.reshape(-1, 8))
+    np.testing.assert_allclose(stats.get("blk.0.attn_v.weight"), H, rtol=1e-6)
+    assert stats.counts["blk.0.attn_q.weight"] == 32
+    x2 = x + 1
+    stats.add(SimpleNamespace(name="blk.0.attn_q.weight", op="MUL_MAT", x=x2, weight_ne=(8, 8, 1, 1)))
+    with pytest.raises(Exception, match="attn_k.*no longer"):
+        stats.add(SimpleNamespace(name="blk.0.attn_k.weight", op="MUL_MAT", x=x2 * 2, weight_ne=(8, 8, 1, 1)))
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab_model(tmp_path_factory):
+    from tinymodel import write_tiny_llama_with_vocab
+
+    return write_tiny_llama_with_vocab(tmp_path_factory.mktemp("refine") / "tiny-vocab.gguf")
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q4_0", "Q3_K_S"])
+def test_refined_file_is_llama_cpp_layout_valid_ggml_and_runs(tiny_vocab_model, tmp_path, ftype):
+    """The refined file has llama.cpp's tensor table for FTYPE (names, types, shapes, tensor bytes
+    of llama_model_quantize with an imatrix), every tensor decodes identically in libggml and in
+    our dequantizer, llama-cpp-python loads it and generates, and the refined tensors' layer
+    outputs are closer to the source's than those of llama.cpp's imatrix file."""
+    from llmquant.calibrate import collect_hessians, refine_model
+    from llmquant.gguf.recipes import parse_ftype
+    from llmquant.gguf.source import GGUFSource
+    from llmquant.runtime.reference import model_quantize
+
+    ours = tmp_path / f"refined-{ftype}.gguf"
+    result = refine_model(tiny_vocab_model, ours, parse_ftype(ftype), chunks=4, n_ctx=256)
+    assert result.refine["tensors_refined"] >= 10
+    stats = collect_hessians(tiny_vocab_model, chunks=4, n_ctx=256)
+    importance = {n: (np.diag(stats.get(n)) / 2).astype(np.float32) for n in [*stats.hessians, *stats.alias]}
+    theirs = tmp_path / f"llama-{ftype}.gguf"
+    model_quantize(tiny_vocab_model, theirs, parse_ftype(ftype), imatrix=importance)
+    with GGUFSource(ours) as a, GGUFSource(theirs) as b, GGUFSource(tiny_vocab_model) as src:
+        assert {t.name: (tuple(t.shape), t.type) for t in a.tensors} == {t.name: (tuple(t.shape), t.type) for t in b.tensors}
+        assert a.tensor_bytes == b.tensor_bytes
+        assert a.get("llmquant.refine", "").startswith("gptq")
+        better = 0
+        for t in a.tensors:
+            raw = a.raw(t.name)
+            n = int(np.prod(t.shape))
+            mine = get_format(t.type).dequantize(raw, tuple(reversed(t.shape))).reshape(-1)
+            np.testing.assert_array_equal(ggml_dequantize(t.type, raw.reshape(-1), n), mine, err_msg=t.name)
+            H = stats.get(t.name)
+            if H is not None and t.type != T.F32:
+                W = src.read(t.name).reshape(-1, t.shape[0])
+                e_ours = R.output_error(W - mine.reshape(W.shape), H)
+                e_theirs = R.output_error(W - b.read(t.name).reshape(W.shape), H)
+                assert e_ours <= e_theirs * 1.0001, t.name
+                better += e_ours < e_theirs
+        assert better >= 10
+    from llama_cpp import Llama
+
+    llm = Llama(str(ours), n_ctx=128, verbose=False)
+    out = llm("The capital of France is", max_tokens=8, temperature=0.0)
+    assert out["usage"]["completion_tokens"] > 0
