@@ -184,3 +184,36 @@ def test_refined_file_is_llama_cpp_layout_valid_ggml_and_runs(tiny_vocab_model, 
     llm = Llama(str(ours), n_ctx=128, verbose=False)
     out = llm("The capital of France is", max_tokens=8, temperature=0.0)
     assert out["usage"]["completion_tokens"] > 0
+
+
+def test_ladder_refine_rows_beside_plain_and_imatrix(tiny_vocab_model, tmp_path):
+    from llmquant.measure.ladder import run_ladder
+    from llmquant.measure.report import columns, kld_gain, rows
+
+    from llmquant.calib.stats import default_calibration_path
+    from llmquant.calibrate import make_imatrix
+    from llmquant.gguf.source import GGUFSource
+
+    text = tmp_path / "calib.txt"
+    text.write_text(default_calibration_path().read_text()[:24000])
+    imat = make_imatrix(tiny_vocab_model, text, tmp_path / "imatrix.gguf", n_ctx=512).path
+    kw = dict(rungs=("Q4_0",), out_dir=tmp_path / "ladder", speed=False, imatrix=imat, refine=True, calib=text,
+              chunks=4, keep="all")
+    res = run_ladder(tiny_vocab_model, **kw)
+    by = {r.name: r for r in res.rungs}
+    assert set(by) == {"Q4_0", "Q4_0+imat", "Q4_0+refine"}
+    sizes = set()
+    for r in res.rungs:
+        with GGUFSource(r.path) as g:
+            sizes.add(g.tensor_bytes)
+    assert len(sizes) == 1
+    assert "KLD gain" in columns(res)
+    for name in ("Q4_0+imat", "Q4_0+refine"):
+        gain = kld_gain(res, name)
+        assert gain is not None
+        assert gain == pytest.approx(1 - by[name].eval["kld_mean"] / by["Q4_0"].eval["kld_mean"])
+    at = columns(res).index("KLD gain")
+    assert [row[at] for row in rows(res)][0] == "-"
+    # a second run reuses every measurement
+    again = run_ladder(tiny_vocab_model, **kw)
+    assert all(r.resumed for r in again.rungs)

@@ -228,7 +228,8 @@ def collect_hessians(
     body = read_text(text_path)
     stats = HessianStats()
     with MatmulTap(model, select=stats.wants, sink=stats.add, n_ctx=n_ctx, threads=threads) as tap:
-        run_chunks(tap, body, n_ctx=n_ctx, chunks=chunks, progress=progress)
+        run_chunks(tap, body, n_ctx=n_ctx, chunks=chunks, progress=progress, after_decode=stats.flush)
+    stats.flush()
     if not stats.hessians:
         raise CalibrationError(f"{model}: no matrix multiplication with a 'blk.*' weight; nothing to refine against")
     return stats
@@ -252,9 +253,11 @@ def refine_model(
     chunk_progress: Callable[[Progress], None] | None = None,
     on_tensor=None,
     split_max_size: int = 0,
+    stats=None,
 ):
     """``quantize --refine``: llama.cpp's per-tensor types for ``ftype`` (as with an imatrix), each
     refinable tensor encoded against its layer's XᵀX over the calibration text (calib.refine).
+    ``stats``: HessianStats already collected (``collect_hessians``) for this model and text.
     Returns the QuantizeResult, its ``refine`` dict filled in."""
     import time
     from dataclasses import replace
@@ -278,7 +281,8 @@ def refine_model(
         check_destination(dst, force=force, src=src)  # a bad destination fails before the calibration
     t0 = time.perf_counter()
     text_path = Path(text) if text is not None else default_calibration_path()
-    stats = collect_hessians(src, text_path, n_ctx=n_ctx, chunks=chunks, threads=threads, progress=chunk_progress)
+    if stats is None:
+        stats = collect_hessians(src, text_path, n_ctx=n_ctx, chunks=chunks, threads=threads, progress=chunk_progress)
     t_stats = time.perf_counter() - t0
 
     def codec(qtype):

@@ -494,6 +494,7 @@ class HessianStats:
     alias: dict[str, str] = field(default_factory=dict)
     _last: tuple[str, Any] | None = None
     _fingerprint: dict[str, Any] = field(default_factory=dict)
+    _pending: list[tuple[str, np.ndarray]] = field(default_factory=list)
 
     @staticmethod
     def wants(name: str) -> bool:
@@ -514,20 +515,30 @@ class HessianStats:
         if name not in self.hessians and self._last is not None and self._last[1] == fp:
             self.alias[name] = self._last[0]
             return
-        H = self.hessians.get(name)
-        if H is None:
-            H = self.hessians[name] = np.zeros((x2.shape[1], x2.shape[1]), np.float64)
-            self.counts[name] = 0
         if not np.isfinite(x2).all():
             raise CalibrationError(f"tensor {name!r}: NaN or Inf in its input activations")
-        n, m = self.counts[name], x2.shape[0]
-        H *= n / (n + m)
-        H += (x2.T @ x2).astype(np.float64) * (2.0 / (n + m))
-        self.counts[name] = n + m
+        if name not in self.hessians:
+            self.hessians[name] = np.zeros((x2.shape[1], x2.shape[1]), np.float64)
+            self.counts[name] = 0
+        # copied now, multiplied in ``flush`` once the runtime is idle: a BLAS product inside the eval
+        # callback competes with the runtime's own worker threads for the cores
+        self._pending.append((name, x2.copy()))
         self._last = (name, fp)
         self._fingerprint[name] = fp
 
+    def flush(self) -> None:
+        """Add the inputs collected since the last flush to their matrices."""
+        for name, x2 in self._pending:
+            H = self.hessians[name]
+            n, m = self.counts[name], x2.shape[0]
+            H *= n / (n + m)
+            H += (x2.T @ x2).astype(np.float64) * (2.0 / (n + m))
+            self.counts[name] = n + m
+        self._pending.clear()
+
     def get(self, name: str) -> np.ndarray | None:
+        if self._pending:
+            self.flush()
         return self.hessians.get(self.alias.get(name, name))
 
     @property

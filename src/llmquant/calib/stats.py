@@ -235,10 +235,11 @@ def collect_imatrix(
 
 
 def run_chunks(tap: Any, text: str, *, n_ctx: int = 512, chunks: int | None = None, parse_special: bool = False,
-               progress: Callable[[Progress], None] | None = None) -> int:
+               progress: Callable[[Progress], None] | None = None,
+               after_decode: Callable[[], None] | None = None) -> int:
     """Decode ``text`` through ``tap`` as llama-imatrix does (chunks of ``n_ctx`` tokens, the first
     of each made BOS, ``tap.n_seq`` chunks per decode); its sink sees every matmul. Returns the
-    number of chunks."""
+    number of chunks. ``after_decode`` runs after each decode, while the runtime is idle."""
     tokens = np.asarray(tap.tokenize(text, parse_special=parse_special), dtype=np.int32)
     n_chunk = plan_chunks(len(tokens), n_ctx, chunks)
     n_seq = int(tap.n_seq)
@@ -254,6 +255,8 @@ def run_chunks(tap: Any, text: str, *, n_ctx: int = 512, chunks: int | None = No
                 chunk[0] = bos
             group.append(chunk)
         tap.decode_chunks(group)
+        if after_decode:
+            after_decode()
         done = i + len(group)
         if progress:
             progress(Progress(done, n_chunk, done * n_ctx, time.perf_counter() - t0))

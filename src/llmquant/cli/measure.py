@@ -53,6 +53,8 @@ def ladder(
     mlock: MlockOpt = False,
     no_mmap: NoMmapOpt = False,
     imatrix: Annotated[Optional[str], typer.Option("--imatrix", help="Also make every K/legacy rung with an importance matrix (rows RUNG+imat): a file, or 'auto' (collected on the shipped calibration text into --out, reused while current).", show_default=False)] = None,
+    refine: Annotated[bool, typer.Option("--refine", help="Also make every quantized rung with quantize --refine (rows RUNG+refine: same types and bytes, calibrated values).")] = False,
+    calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration text for --refine (default: the shipped one).", show_default=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The main job: quantize to every rung, measure quality loss, size and speed, and recommend one."""
@@ -71,6 +73,8 @@ def ladder(
             parse_name(rung_name(name, r))  # a bad name fails before any work
             if imatrix:
                 parse_name(rung_name(name, f"{r}-imat"))
+            if refine:
+                parse_name(rung_name(name, f"{r}-refine"))
     log_lines = not err.is_terminal
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
                   transient=True, disable=as_json or log_lines) as bar:
@@ -85,7 +89,7 @@ def ladder(
         result = run_ladder(model, rungs=names, out_dir=out_dir, text=text, ctx=ctx, chunks=chunks,
                             threads=threads or None, speed=not no_speed, fit_ctx=fit_ctx, machine=machine,
                             step=step, keep=keep, options=options, imatrix=imatrix,
-                            formats=tuple(formats.split(",")))
+                            formats=tuple(formats.split(",")), refine=refine, calib=calib)
     paths = write_all(result, out_dir)
     stored = []
     if name:

@@ -101,6 +101,8 @@ def _quantize(src: Path, dst: Path, ftype: LlamaFileType, threads: int, imat=Non
 # rungs an importance matrix changes: K and legacy quants (Q8_0 and the float types ignore it)
 _NO_IMATRIX = {"F32", "F16", "BF16", "Q8_0"}
 IMAT_SUFFIX = "+imat"
+REFINE_SUFFIX = "+refine"
+_NO_REFINE = {"F32", "F16", "BF16"}
 
 
 def _check_space(src: Path, outputs: list[tuple[Path, LlamaFileType]]) -> None:
@@ -201,6 +203,8 @@ def run_ladder(
     options=None,
     imatrix: str | Path | None = None,
     formats: tuple[str, ...] = ("gguf",),
+    refine: bool = False,
+    calib: str | Path | None = None,
 ) -> LadderResult:
     """Quantize ``model`` (GGUF, stored name or Hugging Face folder) to every rung and measure each
     against the base, one rung at a time: peak memory is the largest single model plus a chunk of
@@ -213,6 +217,9 @@ def run_ladder(
     ``imatrix``: None (no importance rungs), "auto" (collected from the base on the shipped
     calibration text, into ``out_dir``, reused while current) or an imatrix file; then every K /
     legacy rung is also made with it (``Q4_K_M+imat``).
+    ``refine``: every quantized rung is also made with ``quantize --refine`` (``Q4_K_M+refine``),
+    against each layer's input statistics over ``calib`` (the shipped calibration text when None),
+    collected once from the base.
     ``formats``: with an HF folder, the HF formats measured beside the GGUF rungs (gguf, nf4)."""
     from . import formats as hf_formats
     from .eval import evaluate_against_logits, load_text, write_base_logits
@@ -300,6 +307,16 @@ def run_ladder(
         units.append((name, ftype, None, out / f"{stem}-{name}.gguf"))
         if imat is not None and name not in _NO_IMATRIX:
             units.append((name + IMAT_SUFFIX, ftype, imat, out / f"{stem}-{name}-imat.gguf"))
+        if refine and name not in _NO_REFINE:
+            units.append((name + REFINE_SUFFIX, ftype, "refine", out / f"{stem}-{name}-refine.gguf"))
+    hessians = None
+    refine_tag = ""
+    if refine:
+        from ..calibrate import DEFAULT_REFINE_CHUNKS
+        from ..calib.stats import default_calibration_path, read_text
+
+        calib_text = Path(calib) if calib is not None else default_calibration_path()
+        refine_tag = f";refine=gptq;calib={text_digest(read_text(calib_text))};chunks={DEFAULT_REFINE_CHUNKS}"
 
     # the base's log-probabilities, once per (base, text, ctx, chunks)
     content, _ = load_text(text)
@@ -307,9 +324,10 @@ def run_ladder(
     logits_path = out / f"{stem}-base-ctx{ctx}.kld"
     plans = {name: quantize_model(src, None, ftype, options=RecipeOptions(allow_requantize=True), dry_run=True)
              for name, ftype in ftypes}
+    plain_name = lambda n: n.removesuffix(IMAT_SUFFIX).removesuffix(REFINE_SUFFIX)  # noqa: E731
     progress = _Progress(step, {"base": float(Path(base_path).stat().st_size),
-                                **{u[0]: float(plans[u[0].removesuffix(IMAT_SUFFIX)].file_bytes or
-                                               plans[u[0].removesuffix(IMAT_SUFFIX)].output_bytes) for u in units}})
+                                **{u[0]: float(plans[plain_name(u[0])].file_bytes or
+                                               plans[plain_name(u[0])].output_bytes) for u in units}})
     if not (state.get("base-logits", logits_key) and _logits_ok(logits_path, LogitsFile)):
         def before_write(nbytes: int) -> None:
             step(f"base logits: {nbytes / 2**20:,.0f} MiB to {logits_path.name} (llama-perplexity's "
@@ -329,7 +347,10 @@ def run_ladder(
     n_chunks = None
     for name, ftype, rung_imat, path in units:
         recipe = RecipeOptions(allow_requantize=True)
-        key = fingerprint("rung", src_fp, recipe_key(ftype, recipe, rung_imat.entries if rung_imat else None), logits_key)
+        refined = isinstance(rung_imat, str)
+        importance = rung_imat.entries if rung_imat is not None and not refined else None
+        key = fingerprint("rung", src_fp, recipe_key(ftype, recipe, importance) + (refine_tag if refined else ""),
+                          logits_key)
         rec = state.get(f"rung:{name}", key)
         if rec is not None and speed and not rec.get("speed"):
             rec = None  # measured without --speed before: measure again, with it
@@ -338,8 +359,21 @@ def run_ladder(
             r.kept = path.is_file()
             progress(f"{name}: measured before, reused", name)
         else:
-            progress(f"quantize {name}" + (" with the imatrix" if rung_imat else ""), name)
-            q, reused = _quantize(src, path, ftype, threads, rung_imat)
+            if refined:
+                from ..calibrate import collect_hessians, refine_model
+
+                if hessians is None:
+                    progress(f"refine: layer statistics of the {base_name} base on the calibration text", name)
+                    hessians = collect_hessians(base_path, calib, threads=threads)
+                progress(f"quantize {name} (refined)", name, 0.1)
+                planned = quantize_model(src, None, ftype, options=recipe, dry_run=True)
+                check_disk_space(path.parent, planned.file_bytes or planned.output_bytes, f"{name} file {path.name}")
+                q = refine_model(src, path, ftype, options=recipe, text=calib, threads=threads, force=True,
+                                 stats=hessians)
+                reused = False
+            else:
+                progress(f"quantize {name}" + (" with the imatrix" if rung_imat else ""), name)
+                q, reused = _quantize(src, path, ftype, threads, rung_imat)
             r = _rung(name, path, q, reused)
             r.eval = evaluate_against_logits(
                 path, logits_path, threads=threads, options=options,
@@ -352,7 +386,7 @@ def run_ladder(
                 r.speed = probe(r.path, n_prompt=128, n_gen=32, repetitions=2, threads=threads,
                                 options=options).to_dict()
             state.put(f"rung:{name}", key, {k: v for k, v in asdict(r).items() if k not in ("fit", "resumed", "kept")})
-        r.fit = fits.get(name.removesuffix(IMAT_SUFFIX), {})
+        r.fit = fits.get(plain_name(name), {})
         n_chunks = r.eval.get("n_chunks", n_chunks)
         results.append(r)
         progress.finish(name)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from .ladder import IMAT_SUFFIX, LadderResult
+from .ladder import IMAT_SUFFIX, REFINE_SUFFIX, LadderResult
 
 COLUMNS = ("rung", "size", "bpw", "PPL", "ΔPPL", "KLD mean", "KLD p99", "same top", "pp t/s", "tg t/s",
            "peak RSS", "RAM @ctx", "fallback")
@@ -17,8 +17,12 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _calibrated(name: str) -> bool:
+    return name.endswith((IMAT_SUFFIX, REFINE_SUFFIX))
+
+
 def _has_imatrix(result: LadderResult) -> bool:
-    return any(r.name.endswith(IMAT_SUFFIX) for r in result.rungs)
+    return any(_calibrated(r.name) for r in result.rungs)
 
 
 MARKERS = {"gguf": "o", "nf4": "s", "gptq": "^", "awq": "D"}
@@ -43,11 +47,12 @@ def columns(result: LadderResult) -> tuple[str, ...]:
 
 
 def kld_gain(result: LadderResult, name: str) -> float | None:
-    """For ``X+imat``: how much lower its mean KLD is than X's (0.25 = a quarter lower)."""
-    if not name.endswith(IMAT_SUFFIX):
+    """For ``X+imat`` and ``X+refine``: how much lower its mean KLD is than X's (0.25 = a quarter lower)."""
+    if not _calibrated(name):
         return None
     by_name = {r.name: r for r in result.rungs}
-    plain, imat = by_name.get(name[: -len(IMAT_SUFFIX)]), by_name.get(name)
+    suffix = IMAT_SUFFIX if name.endswith(IMAT_SUFFIX) else REFINE_SUFFIX
+    plain, imat = by_name.get(name[: -len(suffix)]), by_name.get(name)
     if not (plain and imat and plain.eval and imat.eval) or plain.eval["kld_mean"] <= 0:
         return None
     return 1.0 - imat.eval["kld_mean"] / plain.eval["kld_mean"]
@@ -187,12 +192,14 @@ def plot(result: LadderResult, path: Path) -> None:
                            (ax2, 2, "perplexity increase vs base (%)")):
         xs = [p[0] for p in pts]
         ys = [max(p[1], 1e-7) if idx == 1 else 100 * (p[2] - 1) for p in pts]
-        imat = [p[3].endswith(IMAT_SUFFIX) for p in pts]
-        colors = ["tab:red" if p[3] == result.recommendation else "tab:green" if m else "tab:blue"
-                  for p, m in zip(pts, imat)]
+        kinds = [2 if p[3].endswith(REFINE_SUFFIX) else 1 if p[3].endswith(IMAT_SUFFIX) else 0 for p in pts]
+        imat = [k > 0 for k in kinds]
+        colors = ["tab:red" if p[3] == result.recommendation else ("tab:blue", "tab:green", "tab:purple")[k]
+                  for p, k in zip(pts, kinds)]
         order = sorted(range(len(xs)), key=lambda i: xs[i])
-        for want, color, kind in ((False, "tab:blue", "without imatrix"), (True, "tab:green", "with imatrix")):
-            line = [i for i in order if imat[i] == want]
+        for want, color, kind in ((0, "tab:blue", "without imatrix"), (1, "tab:green", "with imatrix"),
+                                  (2, "tab:purple", "refined (--refine)")):
+            line = [i for i in order if kinds[i] == want]
             if line:  # one curve per kind, so the imatrix gain reads as the gap between them
                 ax.plot([xs[i] for i in line], [ys[i] for i in line], color=color, alpha=0.45, zorder=2,
                         label=kind if any(imat) else None)
