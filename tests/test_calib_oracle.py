@@ -140,3 +140,21 @@ def test_llama_imatrix_reads_our_files_back(tools, pair, work):
     gg = load_imatrix(pair["ours"])
     for n in mine.entries:
         np.testing.assert_allclose(mine.entries[n], gg.entries[n], rtol=1e-6)
+
+
+def test_periodic_saves_and_from_chunk_match_llama_imatrix(tools, f32, work):
+    """--chunk 1 --save-frequency 2 --output-frequency 3 over 4 chunks: the same files
+    (OUT.at_2, OUT.at_4 and OUT, written mid-batch at the same moments) byte for byte."""
+    text = str(default_calibration_path())
+    for side in ("freq-ours", "freq-theirs"):
+        (work / side).mkdir()
+    subprocess.run([str(tools["imatrix"]), "-m", str(f32), "-f", text, "-o", str(work / "freq-theirs" / "imatrix.gguf"),
+                    "-c", str(CTX), "--chunks", "4", "--chunk", "1", "--save-frequency", "2", "-ofreq", "3",
+                    "-t", str(THREADS), "--no-ppl"], check=True, capture_output=True)
+    make_imatrix(f32, text, work / "freq-ours" / "imatrix.gguf", n_ctx=CTX, chunks=4, threads=THREADS, from_chunk=1,
+                 save_frequency=2, output_frequency=3)
+    names = sorted(p.name for p in (work / "freq-theirs").iterdir())
+    assert names == ["imatrix.gguf", "imatrix.gguf.at_2", "imatrix.gguf.at_4"]
+    assert sorted(p.name for p in (work / "freq-ours").iterdir()) == names
+    for name in names:
+        assert (work / "freq-ours" / name).read_bytes() == (work / "freq-theirs" / name).read_bytes(), name

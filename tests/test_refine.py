@@ -217,3 +217,37 @@ def test_ladder_refine_rows_beside_plain_and_imatrix(tiny_vocab_model, tmp_path)
     # a second run reuses every measurement
     again = run_ladder(tiny_vocab_model, **kw)
     assert all(r.resumed for r in again.rungs)
+
+
+def test_cli_refine_json_verbose_and_bad_options(tiny_vocab_model, tmp_path):
+    """A real subprocess: --refine --json reports every refined tensor; --refine with --imatrix and
+    --calib without --refine are refused in one line, nothing written."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "llmquant", *map(str, args)], capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "COLUMNS": "200"})
+
+    text = tmp_path / "calib.txt"
+    from llmquant.calib.stats import default_calibration_path
+
+    text.write_text(default_calibration_path().read_text()[:12000])
+    dst = tmp_path / "out.gguf"
+    p = cli("quantize", tiny_vocab_model, dst, "Q4_K_M", "--refine", "--calib", text, "--json")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["refine"]["tensors_refined"] + res["refine"]["tensors_kept_plain"] == len(res["refine"]["tensors"]) >= 14
+    assert {t["method"] for t in res["refine"]["tensors"]} == {"gptq"}
+    assert all(0 < t["feedback_ratio"] <= 1 for t in res["refine"]["tensors"])
+    p = cli("quantize", tiny_vocab_model, tmp_path / "v.gguf", "Q4_0", "--refine", "--calib", text, "--verbose")
+    assert p.returncode == 0, p.stderr
+    assert "feedback ratio" in p.stdout and "blk.1.ffn_down.weight Q4_0" in p.stdout
+    for args, needle in (((tmp_path / "x.gguf", "Q4_0", "--refine", "--imatrix", "auto"), "--imatrix"),
+                         ((tmp_path / "x.gguf", "Q4_0", "--calib", text), "--calib")):
+        p = cli("quantize", tiny_vocab_model, *args)
+        assert p.returncode != 0 and "Traceback" not in p.stderr
+        assert needle in p.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / "x.gguf").exists()

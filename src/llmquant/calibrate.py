@@ -94,10 +94,17 @@ def make_imatrix(
     n_batch: int = 2048,
     parse_special: bool = False,
     progress: Callable[[Progress], None] | None = None,
+    from_chunk: int = 0,
+    output_frequency: int = 10,
+    save_frequency: int = 0,
 ) -> ImatrixResult:
     """Collect llama-imatrix's importance matrix of ``model`` over ``text`` (a file or a folder of
     text files; the shipped calibration text when None and no ``in_files``) and write it to ``out``.
-    With ``in_files`` and no text the files are only combined, as llama-imatrix does."""
+    With ``in_files`` and no text the files are only combined, as llama-imatrix does.
+
+    As llama-imatrix: ``from_chunk`` skips the text's first chunks (``--chunk``); ``out`` is
+    written every ``output_frequency`` chunks while collecting (``-ofreq``, so an interrupted run
+    keeps what it had) and a copy ``out.at_N`` every ``save_frequency`` chunks (``--save-frequency``)."""
     import time
 
     from .runtime.llama import MatmulTap
@@ -110,8 +117,24 @@ def make_imatrix(
         raise DestinationError(out, f"folder {out.parent} does not exist")
     if n_ctx <= 0:
         raise CalibrationError(f"--ctx must be positive, got {n_ctx}")
+    if from_chunk < 0 or output_frequency < 1 or save_frequency < 0:
+        raise CalibrationError("--chunk and --save-frequency must be >= 0 and --output-frequency >= 1")
     stats = ImatrixStats(chunk_size=n_ctx, process_output=process_output)
     merge_files(stats, in_files)
+    stats.last_chunk = stats.chunk_count
+
+    def save(path: Path) -> None:
+        entries = {name: (e.sums, e.counts) for name, e in stats.entries.items()}
+        save_imatrix(path, entries, datasets=stats.datasets, chunk_count=stats.last_chunk,
+                     chunk_size=n_ctx, output_format=fmt)
+
+    def on_chunk(last: int, step: int) -> None:  # imatrix.cpp's two checks, in its order
+        if (last % output_frequency) // step == 0:
+            save(out)
+        if save_frequency > 0 and (last % save_frequency) // step == 0:
+            save(out.with_name(f"{out.name}.at_{last}"))
+
+    stats.on_chunk = on_chunk
     t0 = time.perf_counter()
     n_chunks = tokens = 0
     if text is not None or not in_files:
@@ -122,15 +145,14 @@ def make_imatrix(
             before = stats.chunk_count
             collect_imatrix(tap, body, n_ctx=n_ctx, chunks=chunks, process_output=process_output,
                             dataset=str(text if text is not None else text_path), stats=stats,
-                            parse_special=parse_special, progress=progress)
+                            parse_special=parse_special, progress=progress, skip_chunks=from_chunk)
             n_chunks = stats.chunk_count - before
             tokens = n_chunks * n_ctx
     if not stats.entries:
         raise CalibrationError("nothing to write: no entries collected or merged")
-    entries = {name: (e.sums, e.counts) for name, e in stats.entries.items()}
-    save_imatrix(out, entries, datasets=stats.datasets, chunk_count=stats.chunk_count,
-                 chunk_size=n_ctx, output_format=fmt)
-    return ImatrixResult(out, fmt, len(entries), n_chunks, stats.chunk_count, n_ctx, tokens,
+    stats.last_chunk = max(stats.last_chunk, stats.chunk_count)
+    save(out)
+    return ImatrixResult(out, fmt, len(stats.entries), n_chunks, stats.chunk_count, n_ctx, tokens,
                          time.perf_counter() - t0, list(stats.datasets), stats.skew())
 
 

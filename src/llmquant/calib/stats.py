@@ -69,6 +69,10 @@ class ImatrixStats:
     process_output: bool = False
     entries: dict[str, Entry] = field(default_factory=dict)
     datasets: list[str] = field(default_factory=list)
+    # imatrix.cpp's m_last_chunk and its periodic saves: on_chunk(last_chunk, step) each time a
+    # tensor's count passes a new whole chunk, right after that tensor's sums are added
+    last_chunk: int = 0
+    on_chunk: Callable[[int, int], None] | None = None
 
     @property
     def chunk_count(self) -> int:
@@ -114,6 +118,16 @@ class ImatrixStats:
                 _add_squares(e.sums[m], x[i3, i2])
         _check_finite(name, e.sums)
         e.counts += (ne1 * ne2 * ne3) // n_mat
+        self._passed_chunks(e.counts)
+
+    def _passed_chunks(self, counts: np.ndarray) -> None:
+        for c in counts:
+            n_chunk = int(c) // self.chunk_size if self.chunk_size > 0 else 0
+            if n_chunk > self.last_chunk:
+                step = n_chunk - self.last_chunk
+                self.last_chunk = n_chunk
+                if self.on_chunk is not None:
+                    self.on_chunk(n_chunk, step)
 
     def _add_indirect(self, name: str, x: np.ndarray, ids: np.ndarray, n_as: int) -> None:
         # src1 [ne0, ne1 (1 or n_expert_used), n_tokens]; ids [n_expert_used, n_tokens]
@@ -136,6 +150,7 @@ class ImatrixStats:
             e.counts += np.bincount(ex, minlength=n_as)
             touched[np.unique(ex)] = True
         _check_finite(name, e.sums[touched])
+        self._passed_chunks(e.counts)
 
     # -- merging (IMatrixCollector::load_imatrix) -------------------------------------------------
     def merge(self, name: str, sums: np.ndarray, counts: np.ndarray) -> None:
@@ -219,6 +234,7 @@ def collect_imatrix(
     stats: ImatrixStats | None = None,
     parse_special: bool = False,
     progress: Callable[[Progress], None] | None = None,
+    skip_chunks: int = 0,
 ) -> ImatrixStats:
     """Run ``text`` through ``tap`` (a runtime model with the eval callback) and return what
     llama-imatrix accumulates. ``stats`` (e.g. merged from earlier files) is added to in place."""
@@ -226,21 +242,28 @@ def collect_imatrix(
         stats = ImatrixStats(chunk_size=n_ctx, process_output=process_output)
     stats.process_output = process_output
     tap.select, tap.sink = stats.wants, stats.add
-    run_chunks(tap, text, n_ctx=n_ctx, chunks=chunks, parse_special=parse_special, progress=progress)
+    if dataset:
+        stats.datasets.append(dataset)  # imatrix.cpp adds it before collecting: periodic saves name it
+    run_chunks(tap, text, n_ctx=n_ctx, chunks=chunks, parse_special=parse_special, progress=progress,
+               skip_chunks=skip_chunks)
     if not stats.entries:
         raise CalibrationError("the model has no matrix multiplication with a 'blk.*' weight; nothing to collect")
-    if dataset:
-        stats.datasets.append(dataset)
     return stats
 
 
 def run_chunks(tap: Any, text: str, *, n_ctx: int = 512, chunks: int | None = None, parse_special: bool = False,
                progress: Callable[[Progress], None] | None = None,
-               after_decode: Callable[[], None] | None = None) -> int:
+               after_decode: Callable[[], None] | None = None, skip_chunks: int = 0) -> int:
     """Decode ``text`` through ``tap`` as llama-imatrix does (chunks of ``n_ctx`` tokens, the first
     of each made BOS, ``tap.n_seq`` chunks per decode); its sink sees every matmul. Returns the
-    number of chunks. ``after_decode`` runs after each decode, while the runtime is idle."""
+    number of chunks. ``after_decode`` runs after each decode, while the runtime is idle;
+    ``skip_chunks`` drops the text's first chunks (llama-imatrix --chunk)."""
     tokens = np.asarray(tap.tokenize(text, parse_special=parse_special), dtype=np.int32)
+    if skip_chunks > 0:
+        if (skip_chunks + 2) * n_ctx >= len(tokens):
+            raise CalibrationError(f"--chunk {skip_chunks}: the text has {len(tokens)} tokens; not enough would be "
+                                   f"left after removing {skip_chunks} chunks of {n_ctx}")
+        tokens = tokens[skip_chunks * n_ctx:]
     n_chunk = plan_chunks(len(tokens), n_ctx, chunks)
     n_seq = int(tap.n_seq)
     bos = tap.bos if tap.add_bos else None

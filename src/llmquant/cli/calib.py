@@ -56,6 +56,9 @@ def imatrix(
     in_file: Annotated[list[str], typer.Option("--in-file", help="Earlier imatrix to merge (repeatable); without -f they are only combined.")] = [],
     output_format: Annotated[str | None, typer.Option("--output-format", help="gguf or dat (default: from the file name).", show_default=False)] = None,
     batch: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Tokens per decode; batch/ctx chunks run as parallel sequences (llama-imatrix's -b).")] = 2048,
+    from_chunk: Annotated[int, typer.Option("--chunk", "--from-chunk", min=0, help="Start from chunk N of the text (llama-imatrix --chunk).")] = 0,
+    output_frequency: Annotated[int, typer.Option("--output-frequency", "-ofreq", min=1, help="Write the output every N chunks while collecting, so an interrupted run keeps what it had.")] = 10,
+    save_frequency: Annotated[int, typer.Option("--save-frequency", min=0, help="Also keep a copy OUTPUT.at_N every N chunks (0: none).")] = 0,
     threads: ThreadsOpt = 0,
     top: Annotated[int, typer.Option("--top", min=0, help="Rows of the skew table.")] = 10,
     as_json: JsonOpt = False,
@@ -67,7 +70,8 @@ def imatrix(
 
     src = resolve_model(model)
     kwargs = {"n_ctx": ctx, "chunks": chunks, "process_output": process_output, "in_files": in_file,
-              "output_format": output_format, "threads": default_threads(threads), "n_batch": batch}
+              "output_format": output_format, "threads": default_threads(threads), "n_batch": batch,
+              "from_chunk": from_chunk, "output_frequency": output_frequency, "save_frequency": save_frequency}
     if as_json:
         result = make_imatrix(src, text, output, **kwargs)
         d = result.to_dict()
