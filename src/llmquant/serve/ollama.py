@@ -5,7 +5,10 @@ Routes and shapes as ollama/ollama ``docs/api.md`` describes them: ``/api/genera
 ``format`` ``"json"`` or a JSON schema, enforced by a llama.cpp grammar; ``keep_alive``; durations
 in nanoseconds; an empty prompt or message list only loads — or with ``keep_alive: 0`` unloads —
 the model), ``/api/embed`` (and the older ``/api/embeddings``), ``/api/tags``, ``/api/show``,
-``/api/ps``, ``/api/version``. Errors are ``{"error": "message"}`` with Ollama's status codes (404
+``/api/ps``, ``/api/version``; the store's management routes ``/api/create`` (from ``from`` and the
+Modelfile fields, or a Modelfile's text; ``quantize`` quantizes the FROM model first), ``/api/copy``,
+``/api/delete``, ``/api/pull`` (offline: succeeds for a stored model, 404 otherwise) and
+``/api/push`` (501: no registry). Errors are ``{"error": "message"}`` with Ollama's status codes (404
 for an unknown model), which the ollama client raises as ``ResponseError``. Models are the store's
 ``name:tag`` names, loaded on demand by the pool (pool.py).
 
@@ -21,8 +24,9 @@ import time
 from typing import Any
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import LlmquantError
 from ..runtime.llama import Sampling, TextStream
 from .engine import (APIError, Job, ServerState, _EventStream, check_room, embed, generate, leased, parse_tool_calls,
                   schema_grammar, stream_pieces)
@@ -103,6 +107,104 @@ class ShowBody(BaseModel):
     model: str | None = None
     name: str | None = None
     verbose: bool = False
+
+
+class CreateBody(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    model: str | None = None
+    name: str | None = None
+    from_: str | None = Field(default=None, alias="from")
+    modelfile: str | None = None  # older clients send the Modelfile's text
+    quantize: str | None = None
+    template: str | None = None
+    system: str | None = None
+    license: str | list[str] | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[dict[str, Any]] | None = None
+    files: dict[str, str] | None = None
+    adapters: dict[str, str] | None = None
+    stream: bool = True
+
+
+class CopyBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    source: str
+    destination: str
+
+
+class NameBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    name: str | None = None
+    stream: bool = True
+
+    @property
+    def model_name(self) -> str:
+        name = self.model or self.name
+        if not name:
+            raise APIError(400, "model is required", param="model")
+        return name
+
+
+def _create_quantized(name: str, text: str, qtype: str) -> None:
+    """``ollama create --quantize TYPE``: the Modelfile's FROM model quantized to TYPE (llama.cpp's
+    mixture for that file type), stored under ``name`` with the Modelfile's settings."""
+    import re
+    import tempfile
+    from pathlib import Path
+
+    from ..gguf.recipes import parse_ftype
+    from ..quantize import quantize_model
+    from ..store import StoreError, get, home, looks_like_name
+    from .modelfile import create_model, parse_modelfile
+
+    mf = parse_modelfile(text, name="request")
+    src = Path(mf.source).expanduser()
+    if not src.exists():
+        if not looks_like_name(mf.source):
+            raise APIError(400, f"FROM {mf.source}: no such file or stored model")
+        try:
+            src = Path(get(mf.source).path)
+        except StoreError:
+            raise APIError(404, f"model '{mf.source}' not found") from None
+    ftype = parse_ftype(qtype)
+    (home() / "tmp").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=home() / "tmp", prefix="create-") as tmp:
+        dst = Path(tmp) / f"{name.replace('/', '_').replace(':', '-')}.gguf"
+        quantize_model(src, dst, ftype)
+        from_line = re.compile(r"^\s*FROM\s+.*$", re.IGNORECASE | re.MULTILINE)
+        create_model(name, Path(tmp) / "Modelfile", text=from_line.sub(f"FROM {dst}", text, count=1))
+
+
+def create_modelfile(body: CreateBody) -> str:
+    """The Modelfile text an /api/create request stands for (``modelfile`` as sent, or built from
+    ``from``, ``system``, ``template``, ``parameters``, ``messages``, ``license``)."""
+    from .modelfile import _quoted
+
+    if body.files or body.adapters:
+        raise APIError(400, "files and adapters (uploaded blobs) are not supported; create from a stored model "
+                            "or a GGUF path with \"from\"", param="files")
+    if body.modelfile:
+        return body.modelfile
+    if not body.from_:
+        raise APIError(400, "\"from\" (a stored model or a GGUF path) or \"modelfile\" is required", param="from")
+    lines = [f"FROM {body.from_}"]
+    if body.system is not None:
+        lines.append(f"SYSTEM {_quoted(body.system, 'system')}")
+    if body.template is not None:
+        lines.append(f"TEMPLATE {_quoted(body.template, 'template')}")
+    for key, value in (body.parameters or {}).items():
+        for item in value if isinstance(value, list) else [value]:
+            text = json.dumps(item) if not isinstance(item, str) else item
+            lines.append(f"PARAMETER {key} {_quoted(text, key) if isinstance(item, str) else text}")
+    for msg in body.messages or []:
+        lines.append(f"MESSAGE {msg.get('role')} {_quoted(str(msg.get('content', '')), 'message')}")
+    for lic in [body.license] if isinstance(body.license, str) else body.license or []:
+        lines.append(f"LICENSE {_quoted(lic, 'license')}")
+    return "\n".join(lines) + "\n"
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
@@ -499,6 +601,120 @@ def add_routes(app, pool, guarded) -> None:
             out.append({"name": st.model_id, "model": st.model_id, "size": e.size, "digest": digest,
                         "details": details, "expires_at": expires, "size_vram": 0, "context_length": st.n_ctx})
         return {"models": out}
+
+    # -- model management: the store behind /api/tags ---------------------------------------------------
+    def _status_stream(work, stream: bool, first: str):
+        """Run ``work`` (blocking, returns nothing) off the event loop; answer Ollama's progress
+        lines ({"status": ...}, the last "success"), or one object with ``stream: false``."""
+        import asyncio
+
+        async def run() -> None:
+            try:
+                await asyncio.to_thread(work)
+            except APIError:
+                raise
+            except LlmquantError as exc:
+                raise APIError(400, str(exc)) from None
+
+        if not stream:
+            async def once():
+                await run()
+                return JSONResponse({"status": "success"})
+            return once()
+
+        async def events():
+            yield (json.dumps({"status": first}) + "\n").encode()
+            try:
+                await run()
+            except APIError as exc:
+                yield (json.dumps({"error": exc.message}) + "\n").encode()
+                return
+            yield (json.dumps({"status": "success"}) + "\n").encode()
+
+        async def streamed():
+            return _EventStream(events(), media_type="application/x-ndjson")
+        return streamed()
+
+    def _stored(name: str):
+        from ..store import StoreError, get
+
+        try:
+            return get(name)
+        except StoreError:
+            raise APIError(404, f"model '{name}' not found") from None
+
+    @app.post("/api/create", dependencies=guarded)
+    async def api_create(body: CreateBody):
+        """Ollama's create: a stored model from a Modelfile (or its fields); with ``quantize`` the
+        FROM model is first quantized to that type (as ``ollama create --quantize``)."""
+        from ..store import parse_name
+
+        name = body.model or body.name
+        if not name:
+            raise APIError(400, "model is required", param="model")
+        try:
+            parse_name(name)
+        except LlmquantError as exc:
+            raise APIError(400, str(exc), param="model") from None
+        text = create_modelfile(body)
+
+        def work() -> None:
+            from .modelfile import create_model, parse_modelfile
+
+            if body.quantize:
+                _create_quantized(name, text, body.quantize)
+            else:
+                parse_modelfile(text, name="request")
+                create_model(name, "Modelfile", text=text)
+
+        first = f"quantizing to {body.quantize.upper()}" if body.quantize else "parsing modelfile"
+        return await _status_stream(work, body.stream, first)
+
+    @app.post("/api/copy", dependencies=guarded)
+    async def api_copy(body: CopyBody):
+        from ..store import pull
+
+        src = _stored(body.source)
+        try:
+            import asyncio
+
+            await asyncio.to_thread(pull, src.path, body.destination, config=dict(src.config))
+        except LlmquantError as exc:
+            raise APIError(400, str(exc)) from None
+        return JSONResponse({})
+
+    @app.delete("/api/delete", dependencies=guarded)
+    async def api_delete(body: NameBody):
+        from ..store import remove
+
+        name = body.model_name
+        model = _stored(name)
+        if model.embedded:
+            raise APIError(400, f"{model.name} is the embedded default model; it cannot be deleted")
+        try:
+            remove(name)
+        except LlmquantError as exc:
+            raise APIError(400, str(exc)) from None
+        return JSONResponse({})
+
+    @app.post("/api/pull", dependencies=guarded)
+    async def api_pull(body: NameBody):
+        """Offline: a model already in the store is "pulled" (success at once); anything else is
+        refused with what to do instead (nothing downloads weights here)."""
+        name = body.model_name
+        from ..store import StoreError, get
+
+        try:
+            get(name)
+        except StoreError:
+            raise APIError(404, f"pull model '{name}': not in the local store, and llmquant downloads nothing; "
+                                "import a GGUF with `llmquant pull FILE --name NAME`") from None
+        return await _status_stream(lambda: None, body.stream, "pulling manifest")
+
+    @app.post("/api/push", dependencies=guarded)
+    async def api_push(body: NameBody):
+        raise APIError(501, f"push {body.model_name}: llmquant serves a local store and pushes to no registry; "
+                            "copy the GGUF file itself (llmquant show NAME gives its path)")
 
     @app.get("/api/version")
     async def api_version():
