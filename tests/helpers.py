@@ -138,3 +138,10 @@ def wait_for_url(proc, log, *, timeout: float = 60, what: str = "server", suffix
         log.seek(0)
         raise RuntimeError(f"{what} did not start: {log.read()[-2000:]}")
     return f"http://{url}"
+
+
+def sample_rows(rows: np.ndarray, n: int | None) -> np.ndarray:
+    """``n`` rows spread over the matrix (all of them when it has no more, or ``n`` is None)."""
+    if n is None or rows.shape[0] <= n:
+        return rows
+    return rows[np.linspace(0, rows.shape[0] - 1, n).astype(int)]

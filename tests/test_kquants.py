@@ -22,6 +22,7 @@ from helpers import (
     default_model_path,
     importance_vectors,
     minilm_tensors,
+    sample_rows,
 )
 
 from llmquant.runtime import reference
@@ -238,11 +239,25 @@ def test_nearest_int_rounds_half_to_even():
 
 # -- sweeps -----------------------------------------------------------------------------------
 
+SWEEP_ROWS = 64  # rows per tensor in the default run's sweep; -m long checks every row
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", IMPORTANCE_KINDS, ids=lambda k: k or "no_imatrix")
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
 def test_all_real_weights(qtype, kind):
-    """Every 2-D weight of SmolLM2 (token embedding included) and all-MiniLM-L6-v2."""
+    """Every 2-D weight of SmolLM2 (token embedding included) and all-MiniLM-L6-v2, 64 rows spread
+    over each."""
+    for name, rows in smollm2_rows(None) + minilm_rows(None):
+        rows = sample_rows(rows, SWEEP_ROWS)
+        check(qtype, rows, _importance(kind, rows.shape[1]), f"{name} importance={kind}", threads=2)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("kind", IMPORTANCE_KINDS, ids=lambda k: k or "no_imatrix")
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
+def test_all_real_weights_every_row(qtype, kind):
+    """Every row of every 2-D weight of SmolLM2 and all-MiniLM-L6-v2."""
     for name, rows in smollm2_rows(None) + minilm_rows(None):
         check(qtype, rows, _importance(kind, rows.shape[1]), f"{name} importance={kind}", threads=2)
 
