@@ -173,6 +173,17 @@ def quantize(
     else:
         with _TensorProgress(ftype_name(ftype)) as progress:
             result = quantize_model(src, dst, ftype, options=options, threads=n_threads, force=force, progress=progress, **weighting)
+    if not _report_quantize(result, name, dry_run, as_json):
+        return
+    if imat:
+        chunks = f", {imat.chunk_count} chunks" if imat.chunk_count else ""
+        out.print(f"importance matrix {imatrix} ({len(imat.entries)} entries{chunks}): "
+                  f"{'would weight' if dry_run else 'weighted'} {len(result.importance_tensors)} tensors", highlight=False)
+
+
+def _report_quantize(result, name: str | None, dry_run: bool, as_json: bool) -> bool:
+    """Store the output under ``name`` (when given), then print the JSON (returns False) or the
+    tables (returns True: the caller may add lines)."""
     stored = None
     if name and not dry_run and result.destination:
         from ..store import register
@@ -180,14 +191,11 @@ def quantize(
         stored = register(result.destination, name)
     if as_json:
         _print_json({**result.to_dict(), **({"stored_as": stored.name} if stored else {})})
-        return
+        return False
     _render_quantize(result, dry_run)
     if stored:
         out.print(f"stored as {stored.name}", highlight=False)
-    if imat:
-        chunks = f", {imat.chunk_count} chunks" if imat.chunk_count else ""
-        out.print(f"importance matrix {imatrix} ({len(imat.entries)} entries{chunks}): "
-                  f"{'would weight' if dry_run else 'weighted'} {len(result.importance_tensors)} tensors", highlight=False)
+    return True
 
 
 def _quantize_refined(src, dst, ftype, options, *, calib, chunks, threads, force, dry_run, name, split, verbose,
@@ -214,17 +222,8 @@ def _quantize_refined(src, dst, ftype, options, *, calib, chunks, threads, force
                 bar(*a)
 
             result = refine_model(src, dst, ftype, progress=progress, chunk_progress=chunk_progress, **kw)
-    stored = None
-    if name and not dry_run and result.destination:
-        from ..store import register
-
-        stored = register(result.destination, name)
-    if as_json:
-        _print_json({**result.to_dict(), **({"stored_as": stored.name} if stored else {})})
+    if not _report_quantize(result, name, dry_run, as_json):
         return
-    _render_quantize(result, dry_run)
-    if stored:
-        out.print(f"stored as {stored.name}", highlight=False)
     if not dry_run:
         r = result.refine
         out.print(f"refined {r['tensors_refined']} tensors against {r['calibration_tokens']:,} calibration tokens "

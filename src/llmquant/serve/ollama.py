@@ -45,18 +45,11 @@ KNOWN_OPTIONS = set(_SAMPLING_OPTIONS) | {
     "use_mmap", "use_mlock", "num_thread", "tfs_z"}
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class _Named(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     model: str | None = None
     name: str | None = None  # older clients send the model as "name"
-    stream: bool = True
-    format: str | dict[str, Any] | None = None
-    options: dict[str, Any] | None = None
-    keep_alive: float | str | None = None
-    think: bool | str | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
 
     @property
     def model_name(self) -> str:
@@ -64,6 +57,16 @@ class _Body(BaseModel):
         if not name:
             raise APIError(400, "model is required", param="model")
         return name
+
+
+class _Body(_Named):
+    stream: bool = True
+    format: str | dict[str, Any] | None = None
+    options: dict[str, Any] | None = None
+    keep_alive: float | str | None = None
+    think: bool | str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class GenerateBody(_Body):
@@ -109,11 +112,7 @@ class ShowBody(BaseModel):
     verbose: bool = False
 
 
-class CreateBody(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-
-    model: str | None = None
-    name: str | None = None
+class CreateBody(_Named):
     from_: str | None = Field(default=None, alias="from")
     modelfile: str | None = None  # older clients send the Modelfile's text
     quantize: str | None = None
@@ -134,19 +133,8 @@ class CopyBody(BaseModel):
     destination: str
 
 
-class NameBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    model: str | None = None
-    name: str | None = None
+class NameBody(_Named):
     stream: bool = True
-
-    @property
-    def model_name(self) -> str:
-        name = self.model or self.name
-        if not name:
-            raise APIError(400, "model is required", param="model")
-        return name
 
 
 def _create_quantized(name: str, text: str, qtype: str) -> None:
@@ -649,9 +637,7 @@ def add_routes(app, pool, guarded) -> None:
         FROM model is first quantized to that type (as ``ollama create --quantize``)."""
         from ..store import parse_name
 
-        name = body.model or body.name
-        if not name:
-            raise APIError(400, "model is required", param="model")
+        name = body.model_name
         try:
             parse_name(name)
         except LlmquantError as exc:
