@@ -83,7 +83,7 @@ def test_pull_is_offline_and_push_is_refused(client):
     assert e.value.status_code == 404 and "llmquant pull FILE" in str(e.value)
     with pytest.raises(ollama.ResponseError) as e:
         client.push("base:latest")
-    assert e.value.status_code == 501
+    assert e.value.status_code == 400 and "no registry" in str(e.value)
 
 
 def test_create_refuses_bad_requests(client):

@@ -8,7 +8,7 @@ the model), ``/api/embed`` (and the older ``/api/embeddings``), ``/api/tags``, `
 ``/api/ps``, ``/api/version``; the store's management routes ``/api/create`` (from ``from`` and the
 Modelfile fields, or a Modelfile's text; ``quantize`` quantizes the FROM model first), ``/api/copy``,
 ``/api/delete``, ``/api/pull`` (offline: succeeds for a stored model, 404 otherwise) and
-``/api/push`` (501: no registry). Errors are ``{"error": "message"}`` with Ollama's status codes (404
+``/api/push`` (refused with a 400: there is no registry). Errors are ``{"error": "message"}`` with Ollama's status codes (404
 for an unknown model), which the ollama client raises as ``ResponseError``. Models are the store's
 ``name:tag`` names, loaded on demand by the pool (pool.py).
 
@@ -699,7 +699,7 @@ def add_routes(app, pool, guarded) -> None:
 
     @app.post("/api/push", dependencies=guarded)
     async def api_push(body: NameBody):
-        raise APIError(501, f"push {body.model_name}: llmquant serves a local store and pushes to no registry; "
+        raise APIError(400, f"push {body.model_name}: llmquant serves a local store and pushes to no registry; "
                             "copy the GGUF file itself (llmquant show NAME gives its path)")
 
     @app.get("/api/version")
