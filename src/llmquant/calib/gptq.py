@@ -112,16 +112,17 @@ class GPTQResult:
     damp: float  # the damping fraction that made H positive definite
 
 
-def hessian_update(H: np.ndarray | None, n: int, x: np.ndarray) -> tuple[np.ndarray, int]:
-    """Running H = 2/n Σ xxᵀ over the rows of ``x`` (tokens, cols), as GPTQ's ``add_batch``."""
-    x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+def hessian_update(H: np.ndarray | None, n: int, x: np.ndarray, *, product=np.float64) -> tuple[np.ndarray, int]:
+    """Running H = 2/n Σ xxᵀ over the rows of ``x`` (tokens, cols), as GPTQ's ``add_batch``; H is
+    updated in place (float64). ``product``: the dtype of the batch's xᵀx (float32 is twice as
+    fast; the sum over batches stays float64)."""
+    x = np.asarray(x, product).reshape(-1, x.shape[-1])
     m = x.shape[0]
     if H is None:
         H = np.zeros((x.shape[1], x.shape[1]), np.float64)
     H *= n / (n + m)
     n += m
-    x = x * np.sqrt(2.0 / n)
-    H += x.T @ x
+    H += (x.T @ x).astype(np.float64, copy=False) * (2.0 / n)
     return H, n
 
 

@@ -9,10 +9,10 @@ error tr(ΔHΔᵀ) is small, not each block's own weighted error as llama.cpp's 
   search with a weighted least-squares refit given the codes (AutoRound's GGUF gain is mostly this),
   already rounded to the f16 the runtime reads; codes are then packed into the block layout by
   ``pack_blocks`` (the same bytes ggml's dequantizer reads back as the values GPTQ saw).
-- 256-block K types (Q2_K … Q6_K): block error feedback (LDLQ over super-blocks): each 256-column
-  super-block is encoded by the exact ggml encoder (``formats``) with the diagonal of its effective
-  Hessian as importance, and its error is pushed onto the columns still to come,
-  W_R −= E_B·U_BB⁻¹·U_BR (the GPTQ update of a block quantized at once; H⁻¹ = UᵀU).
+- 256-block K types (Q2_K … Q6_K): GPTQ column by column on ``KGrid``: at each super-block's first
+  column the exact ggml encoder (``formats``) picks its scales and mins on the error-updated
+  weights, with the diagonal of the block's effective Hessian as importance; the codes are then
+  rounded column by column and written into the encoder's bytes by ``pack_k_codes``.
 
 Each refined tensor is kept only if its layer-output error is below that of the plain imatrix
 encoding of the same tensor (``Refined.kept``), so refinement never makes a tensor worse on the
@@ -31,7 +31,7 @@ from numba import njit
 
 from ..errors import CalibrationError
 from ..formats import _kernels as K
-from .gptq import gptq, hessian_inverse_upper
+from .gptq import gptq, hessian_inverse_upper, hessian_update
 
 QK = 32
 IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
@@ -189,9 +189,7 @@ def _search_rows(w, qw, factors, kind, lo, hi, table, d_out, m_out):  # pragma: 
             err = 0.0
             for j in range(n):
                 if d == 0:
-                    y = m if kind == 1 else (np.float32(0.0) if kind == 0 else np.float32(0.0))
-                    if kind == 2:
-                        y = np.float32(table[8] * d)
+                    y = m if kind == 1 else np.float32(0.0)
                 elif kind == 1:
                     q = min(max(np.rint((x[j] - m) / d), lo), hi)
                     y = np.float32(np.float32(q) * d + m)
@@ -308,8 +306,7 @@ Decoder = Callable[[np.ndarray, tuple[int, int]], np.ndarray]
 
 
 def refine_block_type(W: np.ndarray, H: np.ndarray, qtype: T, *, damp: float = 0.01, weighting: str = "ldl",
-                      factors: np.ndarray | None = None, hinv: tuple[np.ndarray, float] | None = None,
-                      ) -> tuple[np.ndarray, np.ndarray]:
+                      hinv: tuple[np.ndarray, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ over a 32-block type: (bytes (rows, row bytes), values (rows, cols))."""
     W = np.asarray(W, np.float32)
     rows, cols = W.shape
@@ -317,7 +314,7 @@ def refine_block_type(W: np.ndarray, H: np.ndarray, qtype: T, *, damp: float = 0
         raise ValueError(f"{cols} columns are not a multiple of {QK}")
     hinv = hinv or hessian_inverse_upper(H, damp)
     weights = _weights(H, weighting, QK, hinv[0])
-    grid = BlockGrid(qtype, weights) if factors is None else BlockGrid(qtype, weights, factors)
+    grid = BlockGrid(qtype, weights)
     res = gptq(W, H, grid, QK, damp=damp, hinv_upper=hinv)
     nb = cols // QK
     blocks = res.weight.reshape(rows, nb, QK)
@@ -528,12 +525,8 @@ class HessianStats:
 
     def flush(self) -> None:
         """Add the inputs collected since the last flush to their matrices."""
-        for name, x2 in self._pending:
-            H = self.hessians[name]
-            n, m = self.counts[name], x2.shape[0]
-            H *= n / (n + m)
-            H += (x2.T @ x2).astype(np.float64) * (2.0 / (n + m))
-            self.counts[name] = n + m
+        for name, x2 in self._pending:  # in place: names sharing this matrix see it
+            _, self.counts[name] = hessian_update(self.hessians[name], self.counts[name], x2, product=np.float32)
         self._pending.clear()
 
     def get(self, name: str) -> np.ndarray | None:
