@@ -88,13 +88,21 @@ class LadderResult:
         return asdict(self)
 
 
-def _quantize(src: Path, dst: Path, ftype: LlamaFileType, threads: int, imat=None) -> tuple[QuantizeResult, bool]:
+def _quantize(src: Path, dst: Path, ftype: LlamaFileType, threads: int, imat=None, *, hessians=None,
+              calib=None) -> tuple[QuantizeResult, bool]:
+    """The rung's file (reused when current), plain, with ``imat``, or refined against ``hessians``
+    (``calibrate.collect_hessians``; never reused: its recipe is not in the file's key)."""
     options = RecipeOptions(allow_requantize=True)
     weighting = {"importance": imat.entries, "metadata": imat.provenance()} if imat is not None else {}
-    if dst.exists() and output_is_current(dst, src, ftype, options, weighting.get("importance")):
+    if hessians is None and dst.exists() and output_is_current(dst, src, ftype, options, weighting.get("importance")):
         return quantize_model(src, None, ftype, options=options, dry_run=True, **weighting), True
     planned = quantize_model(src, None, ftype, options=options, dry_run=True, **weighting)
     check_disk_space(dst.parent, planned.file_bytes or planned.output_bytes, f"{ftype_name(ftype)} file {dst.name}")
+    if hessians is not None:
+        from ..calibrate import refine_model
+
+        return refine_model(src, dst, ftype, options=options, text=calib, threads=threads, force=True,
+                            stats=hessians), False
     return quantize_model(src, dst, ftype, options=options, threads=threads, force=True, **weighting), False
 
 
@@ -360,17 +368,13 @@ def run_ladder(
             progress(f"{name}: measured before, reused", name)
         else:
             if refined:
-                from ..calibrate import collect_hessians, refine_model
+                from ..calibrate import collect_hessians
 
                 if hessians is None:
                     progress(f"refine: layer statistics of the {base_name} base on the calibration text", name)
                     hessians = collect_hessians(base_path, calib, threads=threads)
                 progress(f"quantize {name} (refined)", name, 0.1)
-                planned = quantize_model(src, None, ftype, options=recipe, dry_run=True)
-                check_disk_space(path.parent, planned.file_bytes or planned.output_bytes, f"{name} file {path.name}")
-                q = refine_model(src, path, ftype, options=recipe, text=calib, threads=threads, force=True,
-                                 stats=hessians)
-                reused = False
+                q, reused = _quantize(src, path, ftype, threads, hessians=hessians, calib=calib)
             else:
                 progress(f"quantize {name}" + (" with the imatrix" if rung_imat else ""), name)
                 q, reused = _quantize(src, path, ftype, threads, rung_imat)
