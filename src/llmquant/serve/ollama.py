@@ -170,7 +170,7 @@ def _create_quantized(name: str, text: str, qtype: str) -> None:
 def create_modelfile(body: CreateBody) -> str:
     """The Modelfile text an /api/create request stands for (``modelfile`` as sent, or built from
     ``from``, ``system``, ``template``, ``parameters``, ``messages``, ``license``)."""
-    from .modelfile import _quoted
+    from .modelfile import setting_lines
 
     if body.files or body.adapters:
         raise APIError(400, "files and adapters (uploaded blobs) are not supported; create from a stored model "
@@ -179,20 +179,9 @@ def create_modelfile(body: CreateBody) -> str:
         return body.modelfile
     if not body.from_:
         raise APIError(400, "\"from\" (a stored model or a GGUF path) or \"modelfile\" is required", param="from")
-    lines = [f"FROM {body.from_}"]
-    if body.system is not None:
-        lines.append(f"SYSTEM {_quoted(body.system, 'system')}")
-    if body.template is not None:
-        lines.append(f"TEMPLATE {_quoted(body.template, 'template')}")
-    for key, value in (body.parameters or {}).items():
-        for item in value if isinstance(value, list) else [value]:
-            text = json.dumps(item) if not isinstance(item, str) else item
-            lines.append(f"PARAMETER {key} {_quoted(text, key) if isinstance(item, str) else text}")
-    for msg in body.messages or []:
-        lines.append(f"MESSAGE {msg.get('role')} {_quoted(str(msg.get('content', '')), 'message')}")
-    for lic in [body.license] if isinstance(body.license, str) else body.license or []:
-        lines.append(f"LICENSE {_quoted(lic, 'license')}")
-    return "\n".join(lines) + "\n"
+    settings = {"template": body.template, "system": body.system, "parameters": body.parameters,
+                "messages": body.messages, "license": body.license}
+    return "\n".join([f"FROM {body.from_}", *setting_lines(settings, keep_empty=True)]) + "\n"
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
@@ -645,12 +634,11 @@ def add_routes(app, pool, guarded) -> None:
         text = create_modelfile(body)
 
         def work() -> None:
-            from .modelfile import create_model, parse_modelfile
+            from .modelfile import create_model
 
             if body.quantize:
                 _create_quantized(name, text, body.quantize)
             else:
-                parse_modelfile(text, name="request")
                 create_model(name, "Modelfile", text=text)
 
         first = f"quantizing to {body.quantize.upper()}" if body.quantize else "parsing modelfile"
