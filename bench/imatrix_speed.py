@@ -86,7 +86,8 @@ def main() -> None:
               f"{res['tokens'] / res['seconds']:.0f} tok/s while collecting)")
         print(f"ratio llmquant / llama-imatrix: time {t_ours / t_theirs:.2f}, peak RSS {rss_ours / rss_theirs:.2f} "
               f"(goal <= 1.0)\n")
-        kld(model, ours, theirs, tmp, args)
+        if args.types:  # --types '' : the speed half only
+            kld(model, ours, theirs, tmp, args)
 
 
 def kld(model: Path, ours: Path, theirs: Path, tmp: Path, args) -> None:

@@ -158,3 +158,23 @@ def test_periodic_saves_and_from_chunk_match_llama_imatrix(tools, f32, work):
     assert sorted(p.name for p in (work / "freq-ours").iterdir()) == names
     for name in names:
         assert (work / "freq-ours" / name).read_bytes() == (work / "freq-theirs" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("ctx, chunks", [(256, 3), (512, 7)])
+def test_uneven_groups_and_short_context_bit_identical(tools, f32, work, ctx, chunks):
+    """llama-imatrix decodes batch / ctx chunks together and llama.cpp cuts micro-batches of
+    512 // n_sequences tokens of each (split_equal); llmquant hands llama_decode one micro-batch at
+    a time. 3 chunks of 256 (3 of 8 sequences: 170 tokens of each per micro-batch, then 86) and
+    7 of 512 (a group of 4, then one of 3) must still give the very same bits."""
+    text = str(default_calibration_path())
+    out = work / f"u{ctx}-{chunks}"
+    out.mkdir()
+    subprocess.run([str(tools["imatrix"]), "-m", str(f32), "-f", text, "-o", str(out / "theirs.gguf"),
+                    "-c", str(ctx), "--chunks", str(chunks), "-t", str(THREADS), "--no-ppl"],
+                   check=True, capture_output=True)
+    make_imatrix(f32, text, out / "ours.gguf", n_ctx=ctx, chunks=chunks, threads=THREADS)
+    ours, theirs = load_imatrix_raw(out / "ours.gguf"), load_imatrix_raw(out / "theirs.gguf")
+    assert sorted(ours.entries) == sorted(theirs.entries) and len(theirs.entries) == 210
+    differ = [n for n, (s, c) in theirs.entries.items()
+              if not (np.array_equal(ours.entries[n][0], s) and np.array_equal(ours.entries[n][1], c))]
+    assert not differ, f"{len(differ)} of 210 entries differ, first {differ[0]}"

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numba import njit
 
 from ..errors import CalibrationError
 
@@ -31,16 +30,22 @@ from ..errors import CalibrationError
 MIN_ROWS = 16
 
 
-@njit(nogil=True, cache=True)
-def _add_squares(acc, rows):  # pragma: no cover - compiled
+def _add_squares(acc: np.ndarray, rows: np.ndarray) -> None:
     """acc[j] += x[j] * x[j] for each row x in order, in float32 with a rounding after the
     product and after the sum (no fused multiply-add): bit-identical to llama-imatrix's loop as
-    built from the vendored source (checked on all 210 entries of the default model)."""
-    n, m = rows.shape
-    for i in range(n):
-        for j in range(m):
-            x = rows[i, j]
-            acc[j] = np.float32(acc[j] + np.float32(x * x))
+    built from the vendored source (checked on all 210 entries of the default model).
+
+    numpy reduces a C-ordered array over its first axis row after row (pairwise summation is only
+    used along the contiguous axis), so stacking acc above the squares and reducing is exactly
+    that loop. Not numba: its import alone is ~70 MB of resident memory that llama-imatrix does
+    not carry, and on a whole collection the two measured the same (bench/RESULTS.md)."""
+    n = rows.shape[0]
+    if n == 0:
+        return
+    buf = np.empty((n + 1, acc.shape[0]), dtype=np.float32)
+    buf[0] = acc
+    np.multiply(rows, rows, out=buf[1:])
+    np.add.reduce(buf, axis=0, out=acc)
 
 
 @dataclass
@@ -73,6 +78,8 @@ class ImatrixStats:
     # tensor's count passes a new whole chunk, right after that tensor's sums are added
     last_chunk: int = 0
     on_chunk: Callable[[int, int], None] | None = None
+    # (source node, sums before, sums after, rows shape) of the last dense matmul (_add_shared)
+    _shared: tuple | None = field(default=None, repr=False)
 
     @property
     def chunk_count(self) -> int:
@@ -90,7 +97,7 @@ class ImatrixStats:
         if inp.op == "MUL_MAT_ID":
             self._add_indirect(inp.name, inp.x, inp.ids, int(inp.weight_ne[2]))
         else:
-            self._add_dense(inp.name, inp.x, inp.weight_ne)
+            self._add_dense(inp.name, inp.x, inp.weight_ne, getattr(inp, "source", 0))
 
     def _entry(self, name: str, n_mat: int, ne0: int, n_counts: int) -> Entry:
         e = self.entries.get(name)
@@ -105,20 +112,38 @@ class ImatrixStats:
             e.sums = e.sums.reshape(n_mat, ne0)
         return e
 
-    def _add_dense(self, name: str, x: np.ndarray, wne: tuple[int, ...]) -> None:
+    def _add_dense(self, name: str, x: np.ndarray, wne: tuple[int, ...], source: int = 0) -> None:
         ne3, ne2, ne1, ne0 = x.shape
         w2, w3 = int(wne[2]), int(wne[3])
         n_mat = w2 * w3
         e = self._entry(name, n_mat, ne0, 1)
         if e.counts.size > 1 and (e.counts == e.counts[0]).all():
             e.counts = e.counts[:1].copy()  # one count per dense tensor (merging older 3-D files)
-        for i3 in range(ne3):
-            for i2 in range(ne2):
-                m = (i3 % w3) * w2 + (i2 % w2)
-                _add_squares(e.sums[m], x[i3, i2])
+        if n_mat == 1 and ne2 == ne3 == 1 and source:
+            self._add_shared(source, e.sums[0], x[0, 0])
+        else:
+            self._shared = None
+            for i3 in range(ne3):
+                for i2 in range(ne2):
+                    m = (i3 % w3) * w2 + (i2 % w2)
+                    _add_squares(e.sums[m], x[i3, i2])
         _check_finite(name, e.sums)
         e.counts += (ne1 * ne2 * ne3) // n_mat
         self._passed_chunks(e.counts)
+
+    def _add_shared(self, source: int, acc: np.ndarray, rows: np.ndarray) -> None:
+        """Add the squares of ``rows`` to ``acc``, reusing the previous matmul's result when it read
+        the same graph node (q / k / v, gate / up: one input, several weights; a node's data stays
+        put until its last reader has run) and its sums started from the same values: the same
+        float32 additions in the same order give the same bits, so the copy is what adding again
+        would give, at a third of the work for a llama layer."""
+        prev = self._shared
+        if prev is not None and prev[0] == source and prev[3] == rows.shape and np.array_equal(prev[1], acc):
+            acc[:] = prev[2]
+            return
+        before = acc.copy()
+        _add_squares(acc, rows)
+        self._shared = (source, before, acc.copy(), rows.shape)
 
     def _passed_chunks(self, counts: np.ndarray) -> None:
         for c in counts:

@@ -30,15 +30,20 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from ..errors import DestinationError, ModelFileError, TensorDataError
-from ..formats import get_format
-from .recipes import _TOKEN_EMBD_NAMES, TensorPlan, ftype_name, requires_imatrix
-from .writer import TEMP_PREFIX, _GGUFWriter, check_free_space, planned_size, write_failed
 from .header import (
     GGUF_MAGIC,
     GGUFHeader,
     MetadataField,
     TensorEntry,
     parse_gguf_buffer,
+)
+from .recipes import _TOKEN_EMBD_NAMES, TensorPlan, ftype_name, requires_imatrix
+from .writer import (
+    TEMP_PREFIX,
+    _GGUFWriter,
+    check_free_space,
+    planned_size,
+    write_failed,
 )
 
 # keys llama-quantize writes into its output (quantize.cpp LLM_KV_QUANTIZE_IMATRIX_*)
@@ -363,6 +368,10 @@ def importance_for_plans(
     weighted are returned."""
     if not importance:
         return {}
+    from ..formats import (
+        get_format,  # the block formats (numba) only where quantizing, not collecting
+    )
+
     for name, values in importance.items():
         bad = ~np.isfinite(np.asarray(values, dtype=np.float32))
         if bad.any():

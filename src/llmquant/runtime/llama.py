@@ -792,13 +792,17 @@ class MatmulInput:
     """One matrix multiplication's activations, valid only during the ``sink`` call.
 
     ``x``: float32 view of src1 in numpy order (ne3, ne2, ne1, ne0); ``weight_ne``: src0's ggml
-    shape; for MUL_MAT_ID ``ids`` is the (n_tokens, n_expert_used) int32 view of the routing ids."""
+    shape; for MUL_MAT_ID ``ids`` is the (n_tokens, n_expert_used) int32 view of the routing ids.
+    ``source``: identifies the src1 graph node within one graph evaluation; consecutive matmuls
+    with the same one (q, k and v of a layer; gate and up) read the very same activations (0:
+    unknown)."""
 
     name: str
     op: str  # "MUL_MAT" or "MUL_MAT_ID"
     x: np.ndarray
     weight_ne: tuple[int, int, int, int]
     ids: np.ndarray | None = None
+    source: int = 0
 
 
 class MatmulTap:
@@ -808,8 +812,14 @@ class MatmulTap:
     ``src1->ne[1] < 16``).
 
     Contexts are set up as llama-imatrix sets them: ``n_seq = max(1, n_batch // n_ctx)`` chunks of
-    ``n_ctx`` tokens decoded together as parallel sequences, ``n_batch = min(n_batch, n_seq * n_ctx)``,
-    micro-batches of 512, logits for every token (so the last layer sees every token), no warm-up.
+    ``n_ctx`` tokens decoded together as parallel sequences (one KV stream each), micro-batches of
+    512, logits for every token (so the last layer sees every token), no warm-up. llama-imatrix
+    hands llama_decode all ``n_seq`` chunks at once, which needs an output buffer of logits for
+    every one of their tokens (n_batch x n_vocab floats: 400 MB for a 49k vocabulary at its
+    defaults). Here each llama_decode gets exactly one of the micro-batches llama.cpp would cut
+    from that batch (``split_equal``: the same number of tokens from each sequence, sequence after
+    sequence), so the callback sees the same rows in the same order, with a logits buffer of one
+    micro-batch.
     """
 
     def __init__(
@@ -842,13 +852,15 @@ class MatmulTap:
         self.n_chunk_ctx = n_ctx
         self.n_seq = max(1, n_batch // n_ctx)
         n_kv = self.n_seq * n_ctx
-        self.n_batch = min(n_batch, n_kv)
-        if not (self.n_batch < n_ctx or self.n_batch % n_ctx == 0):  # imatrix.cpp's GGML_ASSERT
-            raise ValueError(f"batch size {self.n_batch} must be below the context {n_ctx} or a multiple of it")
+        n_batch = min(n_batch, n_kv)
+        if not (n_batch < n_ctx or n_batch % n_ctx == 0):  # imatrix.cpp's GGML_ASSERT
+            raise ValueError(f"batch size {n_batch} must be below the context {n_ctx} or a multiple of it")
+        self.n_batch = min(n_ubatch, n_batch)  # tokens per llama_decode: one micro-batch
         self.threads = default_threads(threads)
         self._error: BaseException | None = None
         self._checked = False
         self._names: dict[int, tuple[str, bool]] = {}
+        self._decodes = 0
 
         lib = ggml()
         lib.ggml_op_name.restype = ctypes.c_char_p
@@ -882,7 +894,7 @@ class MatmulTap:
         cparams.n_ctx = n_kv
         cparams.n_seq_max = self.n_seq
         cparams.n_batch = self.n_batch
-        cparams.n_ubatch = min(n_ubatch, self.n_batch)
+        cparams.n_ubatch = self.n_batch
         cparams.n_threads = cparams.n_threads_batch = self.threads
         cparams.cb_eval = self._callback
         cparams.cb_eval_user_data = None
@@ -931,7 +943,9 @@ class MatmulTap:
     # -- decoding ------------------------------------------------------------------------------
     def decode_chunks(self, chunks: list[np.ndarray]) -> None:
         """Decode up to ``n_seq`` chunks (each ``n_ctx`` tokens, BOS already in place) as parallel
-        sequences from an empty cache, every token with logits, as compute_imatrix does."""
+        sequences from an empty cache, every token with logits, as compute_imatrix does: each call
+        of llama_decode holds the micro-batch llama.cpp's split_equal would cut from
+        compute_imatrix's batch (``n_batch // len(chunks)`` tokens of each chunk in turn)."""
         import llama_cpp
 
         if not 1 <= len(chunks) <= self.n_seq:
@@ -943,21 +957,23 @@ class MatmulTap:
         pos = np.ctypeslib.as_array(b.pos, shape=(self.n_batch,))
         n_seq_id = np.ctypeslib.as_array(b.n_seq_id, shape=(self.n_batch,))
         logits = np.ctypeslib.as_array(b.logits, shape=(self.n_batch,))
-        n_batches = (n + self.n_batch - 1) // self.n_batch
-        for j in range(n_batches):
-            size = min(n - j * self.n_batch, self.n_batch)
+        for chunk in chunks:
+            if len(chunk) != n:
+                raise ValueError(f"chunk of {len(chunk)} tokens, expected {n}")
+        step = max(1, self.n_batch // len(chunks))  # split_equal: (t + 1) * n_seqs > n_ubatch stops it
+        for start in range(0, n, step):
+            size = min(step, n - start)
             k = 0
             for seq, chunk in enumerate(chunks):
-                if len(chunk) != n:
-                    raise ValueError(f"chunk of {len(chunk)} tokens, expected {n}")
-                token[k:k + size] = chunk[j * self.n_batch:j * self.n_batch + size]
-                pos[k:k + size] = np.arange(j * self.n_batch, j * self.n_batch + size, dtype=np.int32)
+                token[k:k + size] = chunk[start:start + size]
+                pos[k:k + size] = np.arange(start, start + size, dtype=np.int32)
                 n_seq_id[k:k + size] = 1
                 for i in range(k, k + size):
                     b.seq_id[i][0] = seq
                 logits[k:k + size] = 1
                 k += size
             b.n_tokens = k
+            self._decodes += 1  # one micro-batch, one graph evaluation
             status = llama_cpp.llama_decode(self._ctx, b)
             if self._error is not None:
                 err, self._error = self._error, None
@@ -996,7 +1012,8 @@ class MatmulTap:
         x = self._view(t.src[1], src1, np.float32)
         wne = tuple(int(v) for v in src0.ne)
         if op == self._op_mul_mat:
-            self.sink(MatmulInput(name, "MUL_MAT", x, wne))  # type: ignore[arg-type]
+            source = (self._decodes << 48) | int(t.src[1])  # the node, in this decode's graph
+            self.sink(MatmulInput(name, "MUL_MAT", x, wne, source=source))  # type: ignore[arg-type]
             return True
         ids_t = T.from_address(t.src[2])
         ids = self._view(t.src[2], ids_t, np.int32)[0, 0]  # (n_tokens, n_expert_used)
