@@ -3,7 +3,8 @@
 
 Measures, each in a fresh process:
   1. ``run_ladder`` (rungs one at a time against base logits on disk): peak RSS and, per rung,
-     wall seconds (quantize + evaluate) against the rung's size (goal: linear in size);
+     wall seconds (quantize + evaluate, and each part) against the rung's size (goal: linear in
+     size);
   2. the same rungs evaluated the way the ladder did it before (``evaluate_many``: every rung and
      the base loaded at once, in lockstep): peak RSS;
   3. the largest single model's runtime footprint as ``llmquant fit`` predicts it at the eval
@@ -106,7 +107,8 @@ starts = [(t, d.split()[1]) for t, d in marks if d.startswith("quantize ")]
 ends = [t for t, _ in starts[1:]] + [next(t for t, d in marks if d == "recommend")]
 base = next((t for t, d in marks if d.startswith("base logits")), t0)
 print(json.dumps({"peak_rss": peak_rss(), "seconds": total, "base_logits_seconds": starts[0][0] - base if starts else None,
-                  "rungs": [{"name": n, "seconds": e - s, "bytes": x.file_bytes, "kld": x.eval["kld_mean"]}
+                  "rungs": [{"name": n, "seconds": e - s, "quantize_seconds": x.quantize_seconds, "bytes": x.file_bytes,
+                             "kld": x.eval["kld_mean"]}
                             for (s, n), e, x in zip(starts, ends, r.rungs)]}))
 """
 
@@ -183,9 +185,12 @@ def main() -> None:
     print(f"  every rung at once (evaluate_many)    {lock['peak_rss'] / 2**30:6.2f} GiB   "
           f"{lock['peak_rss'] / largest:.2f} x  (the ladder before this change)")
     print(f"  base logits: {lad['base_logits_seconds']:.0f} s; ladder total {lad['seconds']:.0f} s\n")
-    print(f"  {'rung':8} {'size GiB':>9} {'wall s':>7} {'s / GiB':>8} {'KLD':>8}")
+    print(f"  {'rung':8} {'size GiB':>9} {'wall s':>7} {'s / GiB':>8} {'quant s':>8} {'eval s':>7} {'eval s/GiB':>10} {'KLD':>8}")
     for r in lad["rungs"]:
-        print(f"  {r['name']:8} {r['bytes'] / 2**30:9.2f} {r['seconds']:7.1f} {r['seconds'] / (r['bytes'] / 2**30):8.1f} {r['kld']:8.4f}")
+        gib = r["bytes"] / 2**30
+        ev = r["seconds"] - r["quantize_seconds"]
+        print(f"  {r['name']:8} {gib:9.2f} {r['seconds']:7.1f} {r['seconds'] / gib:8.1f} {r['quantize_seconds']:8.1f} "
+              f"{ev:7.1f} {ev / gib:10.1f} {r['kld']:8.4f}")
     print()
 
     if not args.skip_quantize:

@@ -137,3 +137,30 @@ def test_bad_tensor_info(tmp_path):
     # a dimension of 2**45
     p.write_bytes(good[:at + 4] + struct.pack("<Q", 2**45) + good[at + 12:])
     _expect_error(p, "absurd dimension")
+
+
+def _rss_file_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_DONTNEED"), reason="no madvise here")
+def test_release_drops_read_pages_from_the_resident_set():
+    """The kernel's count of this process's file-backed resident pages (RssFile) grows by the
+    model's bytes as every tensor is read, and shrinks again when each is released after use, as
+    quantize does; the bytes read before and after a release are the same."""
+    with GGUFSource(default_model_path()) as src:
+        names = [t.name for t in src.tensors]
+        total_kib = src.tensor_bytes // 1024
+        before = _rss_file_kib()
+        digests = {n: int(src.raw(n).astype(np.uint64).sum()) for n in names}
+        touched = _rss_file_kib() - before
+        for n in names:
+            src.release(n)
+        after = _rss_file_kib() - before
+        assert touched > 0.8 * total_kib, (touched, total_kib)
+        assert after < 0.1 * total_kib, (after, total_kib)
+        assert all(int(src.raw(n).astype(np.uint64).sum()) == digests[n] for n in names[:5])

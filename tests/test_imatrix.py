@@ -129,7 +129,9 @@ def model_stats(model: Path, *, seed=0, n_tokens=CHUNK_SIZE * 8, zero_rows=()) -
 
 def assert_same_tensors(ours: Path, theirs: Path, what: str) -> None:
     a, b = GGUFSource(ours), GGUFSource(theirs)
-    assert sorted(t.name for t in a.tensors) == sorted(t.name for t in b.tensors)
+    # the same tensors in the same order: llama-quantize writes them in llama_model_loader's order
+    # (layer, then name), whatever the source's order was
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors], f"{what}: tensor order"
     for ta in a.tensors:
         tb = b.info(ta.name)
         assert (ta.type, ta.shape) == (tb.type, tb.shape), f"{what}: {ta.name}"

@@ -156,7 +156,9 @@ def quantize_model(
             )
         if importance:  # llama.cpp: has_imatrix only when some entry was loaded
             options = replace(options, has_imatrix=True)
-        plans = plan_source(src, ftype, options, dry_run=dry_run)
+        # llama-quantize writes the tensors in llama_model_loader's order (layer, then name), not the
+        # source's: a convert_hf_to_gguf file comes out in another order than it went in
+        plans = sorted(plan_source(src, ftype, options, dry_run=dry_run), key=lambda p: load_order_key(p.name))
         weights = importance_for_plans(plans, importance, ftype)
         output_bytes = sum(tensor_nbytes(p.shape, p.type) for p in plans)
         result = QuantizeResult(
@@ -166,8 +168,7 @@ def quantize_model(
             importance_tensors=list(weights),
         )
         if dry_run:
-            need = [] if options.has_imatrix else tensors_requiring_imatrix(plans, ftype)
-            need.sort(key=lambda p: load_order_key(p.name))  # name the tensor a real run refuses first
+            need = [] if options.has_imatrix else tensors_requiring_imatrix(plans, ftype)  # the first one a real run refuses first
             if need:
                 notes.append(
                     f"{len(need)} tensors would need an importance matrix (e.g. {need[0].name} as {need[0].type.name}): "
@@ -284,7 +285,8 @@ def _source_values(src: GGUFSource, plan: TensorPlan) -> np.ndarray | None:
     """The float32 rows to quantize (None: the stored bytes are copied as they are)."""
     if plan.type == plan.src_type:
         return None
-    values = src.read(plan.name)
+    values = src.read(plan.name)  # a copy: the mapped pages are not needed any more
+    src.release(plan.name)
     finite = np.isfinite(values)
     if not finite.all():
         bad = np.argwhere(~finite)[0]
@@ -309,7 +311,8 @@ def _quantized_tensors(
             rows = pending.result()
             pending = reader.submit(_source_values, src, plans[i + 1]) if i + 1 < len(plans) else None
             if rows is None:
-                yield src.raw(plan.name)
+                yield src.raw(plan.name)  # written out by the time the next one is asked for
+                src.release(plan.name)
                 continue
             fmt = get_format(plan.type)
             weights = importance.get(plan.name) if fmt.uses_importance else None

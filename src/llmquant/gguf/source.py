@@ -7,6 +7,7 @@ most one tensor's float32 copy exists at a time.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -67,7 +68,8 @@ class GGUFSource:
         if len(self._entries) != len(entries):
             raise ModelFileError(self.path, "a tensor name appears in more than one part")
         self.tensors: list[TensorInfo] = [TensorInfo(t.name, t.shape, t.type, t.n_bytes) for _, t in entries]
-        self._maps: dict[int, np.memmap] = {}
+        self._maps: dict[int, np.ndarray] = {}
+        self._mmaps: dict[int, mmap.mmap] = {}
         arch = self.get("general.architecture")
         if not isinstance(arch, str):
             raise ModelFileError(self.path, "metadata general.architecture is missing")
@@ -118,8 +120,28 @@ class GGUFSource:
         t = self._entries[name]
         i = self._part_of[name]
         if i not in self._maps:
-            self._maps[i] = np.memmap(self.parts[i], dtype=np.uint8, mode="r")
+            with open(self.parts[i], "rb") as f:
+                self._mmaps[i] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[i] = np.frombuffer(self._mmaps[i], dtype=np.uint8)
         return self._maps[i][t.offset:t.offset + t.n_bytes]
+
+    def release(self, name: str) -> None:
+        """Drop one tensor's mapped pages from this process's resident set once it has been read
+        (``madvise(MADV_DONTNEED)``; the pages stay in the page cache and a later read faults them
+        back). Without it every page read so far counts in the peak RSS: a whole 16-bit source by
+        the end of a quantization, on top of the output being made."""
+        i = self._part_of[name]
+        mm = self._mmaps.get(i)
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        t = self._entries[name]
+        start = t.offset - t.offset % mmap.PAGESIZE
+        length = min(t.offset + t.n_bytes, len(mm)) - start
+        if length > 0:
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, start, length)
+            except (OSError, ValueError):  # advice only: a kernel that refuses it costs memory, not bytes
+                pass
 
     def read(self, name: str) -> np.ndarray:
         """One tensor as float32, numpy order (rows last): shape ``reversed(info.shape)``."""
@@ -146,6 +168,7 @@ class GGUFSource:
     def close(self) -> None:
         # drop the memory maps (Windows cannot replace a mapped file)
         self._maps = {}
+        self._mmaps = {}
 
     def __enter__(self) -> "GGUFSource":
         return self

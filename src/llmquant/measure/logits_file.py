@@ -97,7 +97,7 @@ class LogitsHeader:
 
 class LogitsFile:
     """A base-logits file opened for reading: ``header``, ``tokens`` (int32, all chunks) and
-    ``chunk(i)`` (stored uint16 rows of chunk i, memory-mapped). Every field is checked against the
+    ``chunk(i)`` (stored uint16 rows of chunk i, read when asked for). Every field is checked against the
     file size before use."""
 
     def __init__(self, path: str | Path):
@@ -123,9 +123,8 @@ class LogitsFile:
             raise LogitsFileError(
                 self.path, f"{size} bytes, expected {self.header.size} for n_ctx {n_ctx}, n_vocab {n_vocab}, "
                 f"{n_chunk} chunks (truncated or not a llama-perplexity logits file)")
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         n_tok = n_chunk * n_ctx
-        self.tokens = np.frombuffer(self._map, dtype="<i4", count=n_tok, offset=HEADER.size)
+        self.tokens = np.fromfile(self.path, dtype="<i4", count=n_tok, offset=HEADER.size)
         if n_tok and (self.tokens.min() < 0 or self.tokens.max() >= n_vocab):
             raise LogitsFileError(self.path, f"holds token ids outside 0..{n_vocab - 1}")
         self._data = HEADER.size + 4 * n_tok
@@ -136,14 +135,18 @@ class LogitsFile:
             raise IndexError(f"chunk {i} of {h.n_chunk}")
         nv = row_width(h.n_vocab)
         start = self._data + 2 * i * h.n_scored * nv
-        return np.frombuffer(self._map, dtype="<u2", count=h.n_scored * nv, offset=start).reshape(h.n_scored, nv)
+        # read, not memory-mapped: a mapping would keep every chunk read so far resident (the
+        # whole file, tens of GB for a large vocabulary, by the end of a rung's evaluation)
+        rows = np.fromfile(self.path, dtype="<u2", count=h.n_scored * nv, offset=start)
+        if rows.size != h.n_scored * nv:
+            raise LogitsFileError(self.path, f"chunk {i} is truncated (the file shrank while it was read)")
+        return rows.reshape(h.n_scored, nv)
 
     def log_probs(self, i: int) -> np.ndarray:
         return decode_rows(self.chunk(i), self.header.n_vocab)
 
     def close(self) -> None:
         self.tokens = np.empty(0, np.int32)
-        self._map = None
 
     def __enter__(self) -> "LogitsFile":
         return self

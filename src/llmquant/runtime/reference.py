@@ -222,6 +222,7 @@ def model_quantize(
         keep.append(overrides)
         params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(_TensorOverride))
     _captured_log.clear()
+    lib.llama_log_set(_capture_log, None)  # again: the runtime's log capture (llama.py) may have replaced it
     rc = lib.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     log = list(_captured_log)
     if rc != 0:
