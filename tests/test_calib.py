@@ -397,9 +397,13 @@ def test_ladder_rows_with_and_without_imatrix(tmp_path):
     from llmquant.measure.report import columns, kld_gain, markdown, write_all
 
     im = make_imatrix(default_model_path(), None, tmp_path / "i.gguf", chunks=2, n_batch=1024, threads=2)
-    result = run_ladder(rungs=("Q8_0", "Q4_0"), out_dir=tmp_path / "lad", chunks=2, threads=2, speed=False,
+    result = run_ladder(rungs=("Q8_0", "Q4_0", "IQ4_XS"), out_dir=tmp_path / "lad", chunks=2, threads=2, speed=False,
                         imatrix=im.path)
-    assert [r.name for r in result.rungs] == ["Q8_0", "Q4_0", "Q4_0+imat"]  # Q8_0 ignores an imatrix
+    # Q8_0 ignores an imatrix; an IQ rung is made only with it
+    assert [r.name for r in result.rungs] == ["Q8_0", "Q4_0", "Q4_0+imat", "IQ4_XS+imat"]
+    iq = result.rungs[3]
+    assert Path(iq.path).name.endswith("-IQ4_XS-imat.gguf") and iq.types and "IQ4_NL" in str(iq.types)
+    assert iq.eval["kld_mean"] > 0
     plain, imat = result.rungs[1], result.rungs[2]
     assert Path(plain.path).read_bytes() != Path(imat.path).read_bytes()
     assert "KLD gain" in columns(result) and "KLD gain" in markdown(result)
@@ -407,3 +411,18 @@ def test_ladder_rows_with_and_without_imatrix(tmp_path):
     assert gain == pytest.approx(1 - imat.eval["kld_mean"] / plain.eval["kld_mean"])
     paths = write_all(result, tmp_path / "lad")
     assert Path(paths["png"]).stat().st_size > 10_000
+
+
+def test_ladder_default_rungs_gain_iq_rungs_with_an_imatrix(tmp_path):
+    """Without --rungs the IQ rungs published beside the K-quants join when there is an imatrix, each
+    after the K/legacy rung above it in bits per weight; a rung llama.cpp makes only with an imatrix
+    is refused before any work when there is none (nothing written)."""
+    from llmquant.errors import LadderError
+    from llmquant.measure.ladder import DEFAULT_RUNGS, default_rungs, run_ladder
+
+    assert default_rungs(False) == DEFAULT_RUNGS
+    rungs = default_rungs(True)
+    assert rungs == ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_XS", "Q3_K_M", "IQ3_M", "Q2_K", "IQ2_M")
+    with pytest.raises(LadderError, match=r"rung IQ2_M: llama.cpp makes blk\.\d+\.\w+\.weight \(IQ2_\w+\) only with an importance matrix; add --imatrix auto"):
+        run_ladder(rungs=("Q4_0", "IQ2_M"), out_dir=tmp_path / "lad", chunks=1, threads=2, speed=False)
+    assert not (tmp_path / "lad").exists()

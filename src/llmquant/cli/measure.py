@@ -36,7 +36,7 @@ from .options import (
 @app.command()
 def ladder(
     model: ModelArg = None,
-    rungs: Annotated[str, typer.Option("--rungs", help="Comma-separated rungs.")] = "F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K",
+    rungs: Annotated[Optional[str], typer.Option("--rungs", help="Comma-separated rungs [default: F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K; with --imatrix also IQ4_XS,IQ3_M,IQ2_M].", show_default=False)] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the quantized files and the reports.")] = Path("ladder-out"),
     text: Annotated[Optional[Path], typer.Option("--text", help="Evaluation text file or folder (default: built-in).")] = None,
     ctx: Annotated[int, typer.Option(*CTX_NAMES, help="Context per evaluation chunk.")] = 512,
@@ -58,14 +58,14 @@ def ladder(
     as_json: JsonOpt = False,
 ) -> None:
     """The main job: quantize to every rung, measure quality loss, size and speed, and recommend one."""
-    from ..measure.ladder import run_ladder
+    from ..measure.ladder import default_rungs, run_ladder
     from ..measure.report import footer_lines, header_lines, plain_table, table, write_all
 
     from ..store import resolve_model
 
     model = pick(("MODEL", model), ("--model", model_opt))
     options = load_options(resolve_model(model), ngl, ctx=ctx, mlock=mlock, no_mmap=no_mmap)
-    names = tuple(r.strip() for r in rungs.split(",") if r.strip())
+    names = tuple(r.strip() for r in rungs.split(",") if r.strip()) if rungs is not None else default_rungs(imatrix is not None)
     if name:
         from ..store import parse_name, rung_name
 

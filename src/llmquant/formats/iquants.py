@@ -31,6 +31,7 @@ from ._kernels import (
     F,
     fp32_to_fp16,
     jit,
+    jit_inline,
     make_qp_quants,
     nearest_int,
     store_fp16,
@@ -301,10 +302,10 @@ _LATTICE = {
 }
 
 
-@jit
-def _find_best_neighbour(neighbours, start, grid, xval, xo, weight, scale, L, lo):
-    """iq2_find_best_neighbour / iq3_find_best_neighbour: the weighted-nearest listed point."""
-    n_dim = grid.shape[1]
+@jit_inline
+def _nearest_listed(neighbours, start, grid, xval, xo, weight, scale, n_dim):
+    """The weighted-nearest listed point; ``n_dim`` a literal at each call site (4 or 8), so the
+    per-point loop is unrolled and its products vectorized (the sum keeps its order)."""
     num_neighbors = I(neighbours[start])
     best_d2 = FLT_MAX
     grid_index = -1
@@ -318,6 +319,19 @@ def _find_best_neighbour(neighbours, start, grid, xval, xo, weight, scale, L, lo
         if d2 < best_d2:
             best_d2 = d2
             grid_index = idx
+    return grid_index
+
+
+@jit
+def _find_best_neighbour(neighbours, start, grid, xval, xo, weight, scale, L, lo):
+    """iq2_find_best_neighbour / iq3_find_best_neighbour: the weighted-nearest listed point."""
+    n_dim = grid.shape[1]
+    if n_dim == 8:
+        grid_index = _nearest_listed(neighbours, start, grid, xval, xo, weight, scale, 8)
+    elif n_dim == 4:
+        grid_index = _nearest_listed(neighbours, start, grid, xval, xo, weight, scale, 4)
+    else:
+        grid_index = _nearest_listed(neighbours, start, grid, xval, xo, weight, scale, n_dim)
     if grid_index < 0:
         raise ValueError("no grid neighbour (libggml aborts here: non-finite values?)")
     for i in range(n_dim):
@@ -864,7 +878,7 @@ def _iq1_find_best_neighbour2(neighbours, start, grid, xval, xo, weight, scale, 
         idx = I(neighbours[start + j])
         d2 = F(0)
         for i in range(8):
-            q = xg[(grid[idx, i] - 1) // 2]
+            q = xg[(I(grid[idx, i]) - 1) >> 1]  # (g - 1) // 2 for the odd, positive grid values
             w = weight[xo + i]
             diff = scale * q - xval[xo + i]
             d2 += w * diff * diff

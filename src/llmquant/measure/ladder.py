@@ -21,10 +21,24 @@ from ..system import check_disk_space, default_threads
 from ..store import resolve_model
 from ..quantize import QuantizeResult, output_is_current, quantize_model, recipe_key, source_fingerprint
 from .resume import LadderState, fingerprint, folder_fingerprint, text_digest
-from ..gguf.recipes import RecipeOptions, ftype_name, parse_ftype
+from ..gguf.recipes import RecipeOptions, ftype_name, parse_ftype, tensors_requiring_imatrix
 from ..gguf.source import GGUFSource
 
 DEFAULT_RUNGS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
+# the IQ files published beside the K-quants, made with an importance matrix: they join the
+# default rungs when the ladder has one (--imatrix), each after the K/legacy rung just above it
+# in bits per weight (IQ4_XS 4.25 after Q4_0 4.5, IQ3_M 3.7 after Q3_K_M, IQ2_M 2.7 after Q2_K)
+IMATRIX_RUNGS = (("IQ4_XS", "Q4_0"), ("IQ3_M", "Q3_K_M"), ("IQ2_M", "Q2_K"))
+
+
+def default_rungs(with_imatrix: bool = False) -> tuple[str, ...]:
+    """The ladder's rungs when none are named: DEFAULT_RUNGS, plus IMATRIX_RUNGS with an imatrix."""
+    if not with_imatrix:
+        return DEFAULT_RUNGS
+    after = {prev: name for name, prev in IMATRIX_RUNGS}
+    return tuple(r for rung in DEFAULT_RUNGS for r in (rung, after.get(rung)) if r)
+
+
 KEEP_CHOICES = ("all", "best", "none")
 KEEP_ALL_BELOW = 3e9  # parameters: above, every rung file together passes ~20 GB; keep the recommended one
 
@@ -113,6 +127,21 @@ REFINE_SUFFIX = "+refine"
 _NO_REFINE = {"F32", "F16", "BF16"}
 
 
+def _units(ftypes: list[tuple[str, LlamaFileType]], out: Path, stem: str, imatrix: bool,
+           refine: bool) -> list[tuple[str, LlamaFileType, str | None, Path]]:
+    """The files the ladder makes, in order: (row name, file type, None / "imat" / "refine", path).
+    With an importance matrix every K / legacy rung is also made with it, and an IQ rung only with it."""
+    units = []
+    for name, ftype in ftypes:
+        if not (imatrix and name.startswith("IQ")):
+            units.append((name, ftype, None, out / f"{stem}-{name}.gguf"))
+        if imatrix and name not in _NO_IMATRIX:
+            units.append((name + IMAT_SUFFIX, ftype, "imat", out / f"{stem}-{name}-imat.gguf"))
+        if refine and name not in _NO_REFINE:
+            units.append((name + REFINE_SUFFIX, ftype, "refine", out / f"{stem}-{name}-refine.gguf"))
+    return units
+
+
 def _check_space(src: Path, outputs: list[tuple[Path, LlamaFileType]]) -> None:
     """Before writing anything: room for every file still to write (their exact planned sizes; a
     stale file being replaced needs room for one temporary copy at a time)."""
@@ -197,7 +226,7 @@ def as_gguf(model: str | Path | None, out: Path, threads: int, state: LadderStat
 def run_ladder(
     model: str | Path | None = None,
     *,
-    rungs: tuple[str, ...] = DEFAULT_RUNGS,
+    rungs: tuple[str, ...] | None = None,
     out_dir: str | Path = "ladder-out",
     text: str | Path | None = None,
     ctx: int = 512,
@@ -222,9 +251,12 @@ def run_ladder(
     ``keep``: which rung files stay, "all", "best" (the recommended one) or "none"; default "all"
     below KEEP_ALL_BELOW parameters, "best" above.
     ``options``: a runtime.llama.LoadOptions (GPU layers, ...) for evaluation and speed.
+    ``rungs``: None for ``default_rungs(imatrix is not None)``.
     ``imatrix``: None (no importance rungs), "auto" (collected from the base on the shipped
     calibration text, into ``out_dir``, reused while current) or an imatrix file; then every K /
-    legacy rung is also made with it (``Q4_K_M+imat``).
+    legacy rung is also made with it (``Q4_K_M+imat``) and an IQ rung is made only with it
+    (``IQ2_M+imat``: the way IQ files are published). A rung whose type llama.cpp refuses to make
+    without an importance matrix (IQ2_M, IQ3_XXS, ...) is refused before any work when there is none.
     ``refine``: every quantized rung is also made with ``quantize --refine`` (``Q4_K_M+refine``),
     against each layer's input statistics over ``calib`` (the shipped calibration text when None),
     collected once from the base.
@@ -247,6 +279,8 @@ def run_ladder(
     hf_dir = model_path if model_path.is_dir() else None
     if hf_dir is None and set(formats) - {"gguf"}:
         raise LlmquantError(f"--formats {','.join(formats)} needs a Hugging Face folder as the model, got {model_path.name}")
+    if rungs is None:
+        rungs = default_rungs(imatrix is not None)
     if "gguf" not in formats:
         rungs = ()
     ftypes = [(name.upper(), parse_ftype(name)) for name in rungs]
@@ -266,6 +300,8 @@ def run_ladder(
     if keep not in KEEP_CHOICES:
         raise LadderError(f"--keep must be one of {', '.join(KEEP_CHOICES)}, got {keep!r}")
     src_fp = source_fingerprint(src)
+    plans = {name: quantize_model(src, None, ftype, options=RecipeOptions(allow_requantize=True), dry_run=True)
+             for name, ftype in ftypes}
 
     # the base of every comparison: the source itself at 16/32-bit precision; the F32 rendering of
     # a quantized source (F16 where memory is short)
@@ -282,10 +318,16 @@ def run_ladder(
             pass
         base_name = ftype_name(base_ftype)
         base_path = out / f"{stem}-{base_name}.gguf"
-    try:  # room for every file still to write, before writing any
+    planned_units = _units(ftypes, out, stem, imatrix is not None, refine)
+    try:  # every rung can be made, and there is room for every file still to write, before writing any
+        for name, ftype in ftypes if imatrix is None else ():
+            needy = tensors_requiring_imatrix(plans[name].plans, ftype)
+            if needy:
+                raise LadderError(f"rung {name}: llama.cpp makes {needy[0].name} ({needy[0].type.name}) only with an "
+                                  "importance matrix; add --imatrix auto (or a file), or drop the rung")
         _check_space(src, ([(base_path, base_ftype)] if source_was_quantized else [])
-                     + [(out / f"{stem}-{n}.gguf", f) for n, f in ftypes])
-    except DestinationError:
+                     + [(path, ftype) for _, ftype, _, path in planned_units])
+    except (DestinationError, LadderError):
         if created:  # leave no trace
             shutil.rmtree(out, ignore_errors=True)
         raise
@@ -309,14 +351,8 @@ def run_ladder(
                          f"{base_name} base over {made.chunk_count} chunks of the calibration text)")
             imatrix = made.path
         imat = load_imatrix(imatrix)
-    # (rung name, file type, importance matrix or None, file)
-    units = []
-    for name, ftype in ftypes:
-        units.append((name, ftype, None, out / f"{stem}-{name}.gguf"))
-        if imat is not None and name not in _NO_IMATRIX:
-            units.append((name + IMAT_SUFFIX, ftype, imat, out / f"{stem}-{name}-imat.gguf"))
-        if refine and name not in _NO_REFINE:
-            units.append((name + REFINE_SUFFIX, ftype, "refine", out / f"{stem}-{name}-refine.gguf"))
+    # (rung name, file type, importance matrix or None or "refine", file)
+    units = [(name, ftype, imat if kind == "imat" else kind, path) for name, ftype, kind, path in planned_units]
     hessians = None
     refine_tag = ""
     if refine:
@@ -330,8 +366,6 @@ def run_ladder(
     content, _ = load_text(text)
     logits_key = fingerprint("base-logits", source_fingerprint(base_path), text_digest(content), ctx, chunks)
     logits_path = out / f"{stem}-base-ctx{ctx}.kld"
-    plans = {name: quantize_model(src, None, ftype, options=RecipeOptions(allow_requantize=True), dry_run=True)
-             for name, ftype in ftypes}
     plain_name = lambda n: n.removesuffix(IMAT_SUFFIX).removesuffix(REFINE_SUFFIX)  # noqa: E731
     progress = _Progress(step, {"base": float(Path(base_path).stat().st_size),
                                 **{u[0]: float(plans[plain_name(u[0])].file_bytes or
