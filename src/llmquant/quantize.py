@@ -23,7 +23,7 @@ from .formats import get_format
 from .gguf.imatrix import importance_for_plans
 from .models import is_default_model
 from .gguf.recipes import (
-    RecipeOptions, TensorPlan, ftype_name, hparams_from_fields, load_order_key, plan_model,
+    RecipeOptions, TensorPlan, ftype_name, hparams_from_fields, in_load_order, plan_model,
     tensors_requiring_imatrix,
 )
 from .gguf.source import GGUFSource
@@ -156,9 +156,8 @@ def quantize_model(
             )
         if importance:  # llama.cpp: has_imatrix only when some entry was loaded
             options = replace(options, has_imatrix=True)
-        # llama-quantize writes the tensors in llama_model_loader's order (layer, then name), not the
-        # source's: a convert_hf_to_gguf file comes out in another order than it went in
-        plans = sorted(plan_source(src, ftype, options, dry_run=dry_run), key=lambda p: load_order_key(p.name))
+        # written in llama-quantize's order, not the source's (a convert_hf_to_gguf file's differs)
+        plans = in_load_order(plan_source(src, ftype, options, dry_run=dry_run))
         weights = importance_for_plans(plans, importance, ftype)
         output_bytes = sum(tensor_nbytes(p.shape, p.type) for p in plans)
         result = QuantizeResult(
@@ -168,7 +167,7 @@ def quantize_model(
             importance_tensors=list(weights),
         )
         if dry_run:
-            need = [] if options.has_imatrix else tensors_requiring_imatrix(plans, ftype)  # the first one a real run refuses first
+            need = [] if options.has_imatrix else tensors_requiring_imatrix(plans, ftype)  # load order: [0] is what a real run refuses
             if need:
                 notes.append(
                     f"{len(need)} tensors would need an importance matrix (e.g. {need[0].name} as {need[0].type.name}): "

@@ -38,7 +38,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from ..errors import LlmquantError
 from .catalog import ModelSpec
 from .machines import GiB, Machine
-from ..gguf.recipes import RecipeOptions, ftype_name, parse_ftype, plan_model
+from ..gguf.recipes import RecipeOptions, ftype_name, in_load_order, parse_ftype, plan_model
 
 Q = GGMLQuantizationType
 MiB = 1 << 20
@@ -167,7 +167,8 @@ def rung_weights(spec: ModelSpec, ftype: str) -> Weights:
         return Weights(ftype, tensors, spec.header_bytes, this_file=True)
     plans = plan_model(spec.tensors, spec.arch, spec.hparams(), parse_ftype(ftype),
                        RecipeOptions(allow_requantize=True), dry_run=True)
-    tensors = [(p.name, p.shape, p.type, tensor_bytes(p.shape, p.type)) for p in plans]
+    # the table as quantize writes it: its order decides the alignment padding between tensors
+    tensors = [(p.name, p.shape, p.type, tensor_bytes(p.shape, p.type)) for p in in_load_order(plans)]
     return Weights(ftype_name(parse_ftype(ftype)), tensors, spec.header_bytes)
 
 

@@ -633,6 +633,12 @@ def load_order_key(name: str) -> tuple[int, bytes]:
     return (-1 if layer is None else layer, name.encode())
 
 
+def in_load_order(plans: list[TensorPlan]) -> list[TensorPlan]:
+    """``plans`` in the order llama-quantize writes its output's tensors (llama_model_loader's
+    weights_map order, whatever the source's order was)."""
+    return sorted(plans, key=lambda p: load_order_key(p.name))
+
+
 def plan_model(
     tensors: list[tuple[str, tuple[int, ...], GGMLQuantizationType]],
     arch: str,
