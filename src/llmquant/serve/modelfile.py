@@ -254,7 +254,7 @@ def setting_lines(settings: dict[str, Any], *, keep_empty: bool = False) -> list
     lines = []
     for key, label in (("template", "template"), ("system", "system prompt")):
         value = settings.get(key)
-        if value if not keep_empty else value is not None:
+        if value is not None and (value or keep_empty):
             lines.append(f"{key.upper()} {_quoted(value, label)}")
     for k, v in (settings.get("parameters") or {}).items():
         for item in v if isinstance(v, list) else [v]:

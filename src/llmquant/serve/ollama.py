@@ -8,9 +8,9 @@ the model), ``/api/embed`` (and the older ``/api/embeddings``), ``/api/tags``, `
 ``/api/ps``, ``/api/version``; the store's management routes ``/api/create`` (from ``from`` and the
 Modelfile fields, or a Modelfile's text; ``quantize`` quantizes the FROM model first), ``/api/copy``,
 ``/api/delete``, ``/api/pull`` (offline: succeeds for a stored model, 404 otherwise) and
-``/api/push`` (refused with a 400: there is no registry). Errors are ``{"error": "message"}`` with Ollama's status codes (404
-for an unknown model), which the ollama client raises as ``ResponseError``. Models are the store's
-``name:tag`` names, loaded on demand by the pool (pool.py).
+``/api/push`` (refused with a 400: there is no registry). Errors are ``{"error": "message"}`` with
+Ollama's status codes (404 for an unknown model), which the ollama client raises as
+``ResponseError``. Models are the store's ``name:tag`` names, loaded on demand by the pool (pool.py).
 
 Tool calls: the model's own chat template renders ``tools``; the answer is parsed for calls
 (Hermes/Qwen ``<tool_call>`` blocks, or the whole answer a ``{"name", "arguments"}`` object), as
