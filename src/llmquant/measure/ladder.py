@@ -149,10 +149,13 @@ def _check_space(src: Path, outputs: list[tuple[Path, LlamaFileType]]) -> None:
 
     options = RecipeOptions(allow_requantize=True)
     new, replaced = 0, 0
+    sizes: dict[LlamaFileType, int] = {}  # a rung and its +imat / +refine files: one plan
     for path, ftype in outputs:
         if path.exists() and output_is_current(path, src, ftype, options):
             continue
-        size = quantize_model(src, None, ftype, options=options, dry_run=True).file_bytes or 0
+        if ftype not in sizes:
+            sizes[ftype] = quantize_model(src, None, ftype, options=options, dry_run=True).file_bytes or 0
+        size = sizes[ftype]
         if path.exists():
             replaced = max(replaced, size)
         else:
