@@ -4,8 +4,9 @@ For quantize, convert, pull and the ladder: the free space is checked against th
 size before anything is written (one line, as the CLI prints it), and when the disk fills up
 anyway (the check patched out: another process took the space) the ENOSPC is one named error.
 Either way no file or temporary file is left at the destination, the source is untouched and
-the store's index is unchanged. The same for imatrix (its file is written after the collection;
-here through ``llmquant imatrix --in-file``, which only combines files).
+the store's index is unchanged. The same for imatrix (its free space is checked against a bound
+before the collection, and each write is atomic; here also through ``--in-file``, which only
+combines files).
 """
 
 from __future__ import annotations
@@ -231,6 +232,31 @@ def test_imatrix_to_a_full_disk(small_disk, tmp_path, monkeypatch, fmt):
                              chunk_size=512, output_format=fmt)
     assert _entries(small_disk) == []
     assert _digest(src) == before
+
+
+def test_imatrix_refuses_a_small_disk_before_collecting(small_disk, tmp_path, monkeypatch):
+    """The space check comes before the forward passes (hours on a big model), not after them;
+    its bound holds the file the collection really writes."""
+    import llmquant.runtime.llama as runtime
+    from llmquant.calib.stats import ImatrixStats
+    from llmquant.calibrate import imatrix_bytes_bound, make_imatrix
+
+    model = default_model_path()
+    written = make_imatrix(model, None, tmp_path / "one.gguf", chunks=1, n_ctx=128).path.stat().st_size
+    bound = imatrix_bytes_bound(model, ImatrixStats(chunk_size=128))
+    assert written <= bound <= 1.5 * written, (written, bound)
+    _fill(small_disk, 256 << 10)  # room for a few small writes, not for the file
+    r = _cli("imatrix", str(model), "--chunks", "1", "-c", "128", "-o", str(small_disk / "out.gguf"))
+    _one_line(r, "not enough disk space for out.gguf")
+    assert _entries(small_disk) == []
+
+    def no_collection(*a, **k):
+        raise AssertionError("collection started before the space check")
+
+    monkeypatch.setattr(runtime, "MatmulTap", no_collection)
+    with pytest.raises(DiskFullError, match="not enough disk space"):
+        make_imatrix(model, None, small_disk / "out.gguf", chunks=1, n_ctx=128)
+    assert _entries(small_disk) == []
 
 
 def test_disk_errors_are_named_llmquant_errors():

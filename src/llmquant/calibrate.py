@@ -26,6 +26,7 @@ from .calib.stats import (
 from .errors import CalibrationError, DestinationError
 from .system import available_memory
 from .gguf.imatrix import load_imatrix_raw, save_imatrix
+from .gguf.writer import check_free_space
 
 DEFAULT_OUTPUT = "imatrix.gguf"
 
@@ -140,6 +141,10 @@ def make_imatrix(
     if text is not None or not in_files:
         text_path = Path(text) if text is not None else default_calibration_path()
         body = read_text(text_path)
+        # before hours of collection, not after: the file at most holds every weight llama.cpp
+        # will multiply by, merged entries included (plus the old file until the rename)
+        held = out.stat().st_size if out.is_file() else 0
+        check_free_space(out.parent, imatrix_bytes_bound(model, stats) + held, what=out.name)
         with MatmulTap(model, select=stats.wants, sink=stats.add, n_ctx=n_ctx, n_batch=n_batch,
                        threads=threads) as tap:
             before = stats.chunk_count
@@ -154,6 +159,26 @@ def make_imatrix(
     save(out)
     return ImatrixResult(out, fmt, len(stats.entries), n_chunks, stats.chunk_count, n_ctx, tokens,
                          time.perf_counter() - t0, list(stats.datasets), stats.skew())
+
+
+def imatrix_bytes_bound(model: str | Path, stats: ImatrixStats) -> int:
+    """An upper bound on the imatrix file ``stats`` will be after collecting over ``model``: one
+    f32 row of sums per matrix (and a count) for every weight ``stats.wants`` and every entry
+    already merged, with a generous allowance per entry for names, tensor infos and padding."""
+    from .gguf.header import parse_gguf  # the header only: the imatrix process stays without numba
+    from .gguf.split import SPLIT_COUNT, SPLIT_NO, other_parts
+
+    sizes = {name: e.sums.size + e.counts.size for name, e in stats.entries.items()}
+    first = parse_gguf(Path(model))
+    headers = [first]
+    n_split, split_no = (first.fields.get(k) for k in (SPLIT_COUNT, SPLIT_NO))
+    if n_split is not None and isinstance(n_split.value, int) and n_split.value > 1:
+        headers += [parse_gguf(p) for p in other_parts(Path(model), n_split.value, int(split_no.value if split_no else 0))]
+    for t in (t for h in headers for t in h.tensors):
+        if len(t.shape) >= 2 and stats.wants(t.name):
+            n_mat = t.shape[2] if len(t.shape) > 2 else 1
+            sizes[t.name] = max(sizes.get(t.name, 0), n_mat * (t.shape[0] + 1))
+    return 4 * sum(sizes.values()) + 512 * len(sizes) + sum(len(d) for d in stats.datasets) + (64 << 10)
 
 
 # -- --imatrix auto ------------------------------------------------------------------------------------
