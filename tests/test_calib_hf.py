@@ -230,6 +230,85 @@ def test_gptq_v1_and_awq_gemm_exports_load_in_gptqmodel_with_our_weights(tiny, t
     assert np.isfinite(theirs["logits"]).all()
 
 
+# -- inspect and fit read the exports ---------------------------------------------------------------------------
+@pytest.mark.parametrize("method,fmt,kw", [
+    ("gptq", "compressed-tensors", dict(act_order="static")), ("rtn", "compressed-tensors", dict(bits=8, sym=False)),
+    ("gptq", "gptq", dict(act_order="group")), ("awq", "awq", dict()),
+])
+def test_inspect_and_fit_read_the_exports(tiny, tmp_path, method, fmt, kw):
+    """Bits, group size, symmetry and act-order as asked; every quantized linear's logical shape and the
+    parameter count as the float source holds them (read by the safetensors package); the bytes of the
+    packed tensors as safetensors loads them; compressed-tensors' own weight_shape agrees; fit and the
+    CLI say the same."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from llmquant.fit.catalog import spec_from_hf_dir
+    from llmquant.hf.inspect import inspect_hf
+
+    dst = tmp_path / "out"
+    res, ours = _quantize(tiny, dst, method=method, fmt=fmt, group_size=32, **kw)
+    source = {}
+    for f in tiny.glob("*.safetensors"):
+        with safe_open(f, "pt") as h:
+            source.update({k: list(h.get_slice(k).get_shape()) for k in h.keys()})
+    stored = {}
+    for f in dst.glob("*.safetensors"):
+        stored.update(load_file(f))
+    info = inspect_hf(dst)
+    sc = info.scheme
+    assert (sc.method, sc.bits, sc.group_size, sc.symmetric) == (
+        {"rtn": "compressed-tensors", "gptq": "compressed-tensors"}.get(method, method) if fmt == "compressed-tensors" else fmt,
+        res.bits, 32, res.sym)
+    assert sc.act_order == ({"static": "static", "group": "group"}.get(kw.get("act_order")) if method == "gptq" else None)
+    assert info.n_params == sum(int(np.prod(v)) for v in source.values())
+    assert info.quantized_linears == len(ours) == 14
+    by_name = {t["name"]: t for t in info.tensors}
+    for name in ours:
+        assert by_name[f"{name}.weight"]["shape"] == source[f"{name}.weight"], name
+        own = [k for k in stored if k.startswith(name + ".") and not k.endswith(".bias")]
+        assert by_name[f"{name}.weight"]["bytes"] == sum(stored[k].numel() * stored[k].element_size() for k in own)
+        if fmt == "compressed-tensors":
+            assert stored[f"{name}.weight_shape"].tolist() == source[f"{name}.weight"]
+    packed = sum(by_name[f"{n}.weight"]["bytes"] for n in ours)
+    assert info.quantized_bytes == packed
+    assert info.tensor_bytes == sum(v.numel() * v.element_size() for v in stored.values())
+    # the bits a quantized weight really costs: codes + one scale (+ zero) per group, as stored
+    assert res.bits < info.quantized_bits_per_weight < res.bits + 3
+    spec = spec_from_hf_dir(dst)
+    assert spec.n_params == info.n_params and spec.checkpoint["bits"] == res.bits
+    assert not any("safetensors headers hold" in n for n in spec.notes)
+    r = subprocess.run([sys.executable, "-m", "llmquant", "inspect", str(dst), "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["scheme"]["label"] == sc.label and d["n_params"] == info.n_params
+    assert d["memory"]["as_stored"] == info.tensor_bytes
+    r = subprocess.run([sys.executable, "-m", "llmquant", "inspect", str(dst)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "COLUMNS": "160"})
+    assert r.returncode == 0 and sc.label in r.stdout and f"{res.bits} / 32" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "llmquant", "fit", str(dst), "--engine", "vllm", "--json"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert any(sc.label in n for n in json.loads(r.stdout)["notes"])
+
+
+def test_inspect_names_a_config_that_does_not_match_the_tensors(tiny, tmp_path):
+    import shutil
+
+    from llmquant.errors import ModelFileError
+    from llmquant.hf.inspect import inspect_hf
+
+    folder = tmp_path / "liar"
+    shutil.copytree(tiny, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32}}))
+    with pytest.raises(ModelFileError, match=r"config.json says gptq, but no tensor ends in \.qweight"):
+        inspect_hf(folder)
+    (folder / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "compressed-tensors"}}))
+    with pytest.raises(ModelFileError, match=r"config.json: quantization_config for compressed-tensors lacks or mistypes a field"):
+        inspect_hf(folder)
+
+
 # -- bad input ---------------------------------------------------------------------------------------------------
 def test_group_size_that_does_not_divide_names_the_layers(tiny, tmp_path):
     with pytest.raises(CalibrationError, match=r"--group-size 48 does not divide.*model\.layers\.0\.mlp\.down_proj \(128\)"):

@@ -32,11 +32,17 @@ def inspect(
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show what a GGUF holds: architecture, size, bits per weight, hyper-parameters, tensor types."""
+    """Show what a GGUF or a Hugging Face folder holds: architecture, size, bits per weight, hyper-parameters,
+    tensor types; for a GPTQ / AWQ / compressed-tensors folder also bits, group size and size in memory."""
     from ..gguf.inspect import inspect_model
+    from ..runtime.torch import is_hf_folder
     from ..store import resolve_model
 
-    info = inspect_model(resolve_model(model))
+    path = resolve_model(model)
+    if is_hf_folder(path):
+        _inspect_hf(path, tensors, as_json)
+        return
+    info = inspect_model(path)
     if as_json:
         _print_json(info.to_dict(with_tensors=tensors))
         return
@@ -76,6 +82,65 @@ def inspect(
             tt.add_column(col, justify="right" if col == "bytes" else "left")
         for e in info.tensors:
             tt.add_row(e["name"], "x".join(str(d) for d in e["shape"]), e["type"], f"{e['bytes']:,}")
+        out.print(tt)
+
+
+def _inspect_hf(path, tensors: bool, as_json: bool) -> None:
+    from ..hf.inspect import inspect_hf
+
+    info = inspect_hf(path)
+    if as_json:
+        _print_json(info.to_dict(with_tensors=tensors))
+        return
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    sc = info.scheme
+    rows = [
+        ("folder", info.path),
+        ("architecture", f"{info.architecture} ({info.model_type or '?'})"),
+        ("parameters", f"{_human_count(info.n_params)} ({info.n_params:,})"),
+        ("format", sc.label if sc else f"{info.dtype or '?'} (not quantized)"),
+    ]
+    if sc:
+        rows += [("on disk", sc.format), ("bits / group size", f"{sc.bits} / {sc.group_size or 'per channel'}"),
+                 ("zero point", "no (symmetric)" if sc.symmetric else "yes (asymmetric)"),
+                 ("act-order", sc.act_order or "none"),
+                 ("quantized linears", f"{info.quantized_linears} ({_human_count(info.quantized_params)} parameters, "
+                                       f"{info.quantized_bits_per_weight or 0:.2f} bits each with scales and zeros)"),
+                 ("not quantized", ", ".join(sc.ignored) or "-")]
+    rows += [
+        ("size", f"{_human_bytes(info.file_bytes)} (tensors {_human_bytes(info.tensor_bytes)})"),
+        ("bits per weight", f"{info.bits_per_weight:.2f}"),
+    ]
+    if sc:
+        rows.append(("in memory", f"{_human_bytes(info.tensor_bytes)} packed (vLLM, GPTQModel kernels); "
+                                  f"{_human_bytes(info.dequantized_bytes)} dequantized to {info.dtype or 'bf16'}"))
+    rows += [
+        ("context length", str(info.context_length or "-")),
+        ("layers", str(info.n_layer or "-")),
+        ("embedding", str(info.n_embd or "-")),
+        ("heads / kv heads", f"{info.n_head or '-'} / {info.n_head_kv or '-'}"),
+        ("feed-forward", str(info.n_ff or "-")),
+        ("vocabulary", f"{info.vocab_size or '-'} ({'tokenizer.json' if info.has_tokenizer else 'no tokenizer.json'})"),
+        ("chat template", "yes" if info.has_chat_template else "no"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    out.print(t)
+    kinds = Table(title="tensor kinds")
+    for col in ("kind", "tensors", "params", "bytes", "share"):
+        kinds.add_column(col, justify="right" if col != "kind" else "left")
+    for name, e in info.kinds.items():
+        kinds.add_row(name, str(e["tensors"]), _human_count(e["params"]), _human_bytes(e["bytes"]),
+                      f"{100 * e['bytes'] / max(info.tensor_bytes, 1):.1f}%")
+    out.print(kinds)
+    if tensors:
+        tt = Table(title="tensors")
+        for col in ("name", "shape", "type", "bytes"):
+            tt.add_column(col, justify="right" if col == "bytes" else "left")
+        for e in info.tensors:
+            tt.add_row(e["name"], "x".join(str(d) for d in e["shape"]), e["dtype"], f"{e['bytes']:,}")
         out.print(tt)
 
 

@@ -94,6 +94,7 @@ class ModelSpec:
     header_bytes: int = 0  # GGUF metadata + tensor table (exact for a GGUF, estimated otherwise)
     source_dtype: str = "F16"
     notes: list[str] = field(default_factory=list)
+    checkpoint: dict | None = None  # a quantized HF folder: its scheme and sizes (hf.inspect)
 
     @property
     def n_params(self) -> int:
@@ -128,7 +129,7 @@ class ModelSpec:
             "head_dim_k": self.head_dim_k, "head_dim_v": self.head_dim_v, "n_ff": self.n_ff,
             "n_vocab": self.n_vocab, "n_ctx_train": self.n_ctx_train, "tied_embeddings": self.tied,
             "sliding_window": self.n_swa, "n_swa_layers": sum(self.swa_layers),
-            "file_type": self.file_type, "source_dtype": self.source_dtype,
+            "file_type": self.file_type, "source_dtype": self.source_dtype, "checkpoint": self.checkpoint,
         }
 
 
@@ -299,7 +300,29 @@ def spec_from_hf_dir(folder: str | Path) -> ModelSpec:
     name = config.get("_name_or_path") or folder.name
     spec = spec_from_config(config, name=str(name), source="hf", path=str(folder), where=str(cfg_path),
                             tied_hint=tied_hint, dtype=dtype)
-    if names:
+    counted = False
+    if isinstance(config.get("quantization_config"), dict) and names:
+        # GPTQ / AWQ / compressed-tensors: packed int32 codes, counted as the weights they hold
+        from ..hf.inspect import inspect_hf
+
+        info = inspect_hf(folder)
+        if info.scheme is not None and info.quantized_linears:
+            sc = info.scheme
+            spec.checkpoint = {"scheme": sc.label, "method": sc.method, "format": sc.format, "bits": sc.bits,
+                               "group_size": sc.group_size, "symmetric": sc.symmetric, "act_order": sc.act_order,
+                               "n_params": info.n_params, "weight_bytes": info.tensor_bytes,
+                               "dequantized_bytes": info.dequantized_bytes,
+                               "bits_per_weight": round(info.bits_per_weight, 4),
+                               "quantized_bits_per_weight": round(info.quantized_bits_per_weight or 0, 4)}
+            gib = 2**30
+            spec.notes.append(
+                f"this folder holds a checkpoint in {sc.label} ({sc.format}): {info.tensor_bytes / gib:.2f} GiB of weights "
+                f"as stored ({info.bits_per_weight:.2f} bits per weight; its {info.quantized_linears} quantized linears "
+                f"{info.quantized_bits_per_weight or 0:.2f}), {info.dequantized_bytes / gib:.2f} GiB dequantized. "
+                "llama.cpp runs GGUF only: the rungs are this model converted from a float original; "
+                "--engine vllm plans the checkpoint itself")
+            counted = True  # the logical parameter count: no header-count note
+    if names and not counted:
         # the safetensors count includes vision towers etc. of multimodal folders: report, don't refuse
         n_st = 0
         for shape, _ in names.values():
@@ -310,7 +333,7 @@ def spec_from_hf_dir(folder: str | Path) -> ModelSpec:
         if abs(n_st - spec.n_params) > 0.01 * spec.n_params:
             spec.notes.append(f"the safetensors headers hold {n_st:,} parameters, the text model from config.json "
                               f"{spec.n_params:,}; fit sizes the text model")
-    else:
+    elif not names:
         spec.notes.append("no .safetensors files: sizes come from config.json alone")
     return spec
 

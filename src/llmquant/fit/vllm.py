@@ -139,6 +139,10 @@ def plan(spec: ModelSpec, gpu: Machine, tp: int, *, gpu_memory_utilization: floa
     notes: list[str] = []
     total, how = checkpoint_bytes(spec)
     notes.append(f"weights from {how}, split over {tp} GPU(s) (tensor parallel)")
+    if spec.checkpoint:
+        c = spec.checkpoint
+        notes.append(f"{c['scheme']} ({c['format']}): the linears stay packed on the GPU at "
+                     f"{c['quantized_bits_per_weight']:.2f} bits per weight with their scales")
     per_gpu = total // tp
     act = activation_bytes(spec, tp)
     overhead = NON_TORCH_BYTES + CUDA_GRAPH_BYTES
