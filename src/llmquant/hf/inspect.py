@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ModelFileError
-from .safetensors import DTYPES, open_checkpoint
+from .safetensors import open_checkpoint
 
 # per method: the packed tensor's suffix and the axis it packs (0 rows, 1 columns); then every
 # tensor name part that belongs to a quantized linear's storage
