@@ -46,9 +46,6 @@ def inspect(
     if as_json:
         _print_json(info.to_dict(with_tensors=tensors))
         return
-    t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold")
-    t.add_column()
     rows = [
         ("file", info.path),
         ("name", info.name or "-"),
@@ -57,31 +54,46 @@ def inspect(
         ("file type", info.file_type or "-"),
         ("size", f"{_human_bytes(info.file_bytes)} (tensors {_human_bytes(info.tensor_bytes)})"),
         ("bits per weight", f"{info.bits_per_weight:.2f}"),
+        *_shape_rows(info, f"{info.tokenizer_model or 'no tokenizer'}"),
+        ("GGUF version", str(info.gguf_version)),
+    ]
+    _render_inspect(rows, "type", info.types, info.tensor_bytes, info.tensors if tensors else None, "type")
+
+
+def _shape_rows(info, tokenizer: str) -> list[tuple[str, str]]:
+    """The hyper-parameter rows GGUF and HF inspect share."""
+    return [
         ("context length", str(info.context_length or "-")),
         ("layers", str(info.n_layer or "-")),
         ("embedding", str(info.n_embd or "-")),
         ("heads / kv heads", f"{info.n_head or '-'} / {info.n_head_kv or '-'}"),
         ("feed-forward", str(info.n_ff or "-")),
-        ("vocabulary", f"{info.vocab_size or '-'} ({info.tokenizer_model or 'no tokenizer'})"),
+        ("vocabulary", f"{info.vocab_size or '-'} ({tokenizer})"),
         ("chat template", "yes" if info.has_chat_template else "no"),
-        ("GGUF version", str(info.gguf_version)),
     ]
+
+
+def _render_inspect(rows, kind: str, groups: dict, tensor_bytes: int, tensors: list[dict] | None, type_key: str) -> None:
+    """The key/value table, the per-type (or per-kind) summary and, if asked, every tensor."""
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
     for k, v in rows:
         t.add_row(k, v)
     out.print(t)
-    types = Table(title="tensor types")
-    for col in ("type", "tensors", "params", "bytes", "share"):
-        types.add_column(col, justify="right" if col != "type" else "left")
-    for name, e in info.types.items():
+    types = Table(title=f"tensor {kind}s")
+    for col in (kind, "tensors", "params", "bytes", "share"):
+        types.add_column(col, justify="right" if col != kind else "left")
+    for name, e in groups.items():
         types.add_row(name, str(e["tensors"]), _human_count(e["params"]), _human_bytes(e["bytes"]),
-                      f"{100 * e['bytes'] / max(info.tensor_bytes, 1):.1f}%")
+                      f"{100 * e['bytes'] / max(tensor_bytes, 1):.1f}%")
     out.print(types)
-    if tensors:
+    if tensors is not None:
         tt = Table(title="tensors")
         for col in ("name", "shape", "type", "bytes"):
             tt.add_column(col, justify="right" if col == "bytes" else "left")
-        for e in info.tensors:
-            tt.add_row(e["name"], "x".join(str(d) for d in e["shape"]), e["type"], f"{e['bytes']:,}")
+        for e in tensors:
+            tt.add_row(e["name"], "x".join(str(d) for d in e["shape"]), e[type_key], f"{e['bytes']:,}")
         out.print(tt)
 
 
@@ -92,9 +104,6 @@ def _inspect_hf(path, tensors: bool, as_json: bool) -> None:
     if as_json:
         _print_json(info.to_dict(with_tensors=tensors))
         return
-    t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold")
-    t.add_column()
     sc = info.scheme
     rows = [
         ("folder", info.path),
@@ -117,31 +126,9 @@ def _inspect_hf(path, tensors: bool, as_json: bool) -> None:
         rows.append(("in memory", f"{_human_bytes(info.tensor_bytes)} packed (vLLM, GPTQModel kernels); "
                                   f"{_human_bytes(info.dequantized_bytes)} dequantized to {info.dtype or 'bf16'}"))
     rows += [
-        ("context length", str(info.context_length or "-")),
-        ("layers", str(info.n_layer or "-")),
-        ("embedding", str(info.n_embd or "-")),
-        ("heads / kv heads", f"{info.n_head or '-'} / {info.n_head_kv or '-'}"),
-        ("feed-forward", str(info.n_ff or "-")),
-        ("vocabulary", f"{info.vocab_size or '-'} ({'tokenizer.json' if info.has_tokenizer else 'no tokenizer.json'})"),
-        ("chat template", "yes" if info.has_chat_template else "no"),
+        *_shape_rows(info, "tokenizer.json" if info.has_tokenizer else "no tokenizer.json"),
     ]
-    for k, v in rows:
-        t.add_row(k, v)
-    out.print(t)
-    kinds = Table(title="tensor kinds")
-    for col in ("kind", "tensors", "params", "bytes", "share"):
-        kinds.add_column(col, justify="right" if col != "kind" else "left")
-    for name, e in info.kinds.items():
-        kinds.add_row(name, str(e["tensors"]), _human_count(e["params"]), _human_bytes(e["bytes"]),
-                      f"{100 * e['bytes'] / max(info.tensor_bytes, 1):.1f}%")
-    out.print(kinds)
-    if tensors:
-        tt = Table(title="tensors")
-        for col in ("name", "shape", "type", "bytes"):
-            tt.add_column(col, justify="right" if col == "bytes" else "left")
-        for e in info.tensors:
-            tt.add_row(e["name"], "x".join(str(d) for d in e["shape"]), e["dtype"], f"{e['bytes']:,}")
-        out.print(tt)
+    _render_inspect(rows, "kind", info.kinds, info.tensor_bytes, info.tensors if tensors else None, "dtype")
 
 
 # -- quantize ---------------------------------------------------------------------------------------------
