@@ -215,9 +215,11 @@ def main() -> None:
                 f"samples={args.samples}, seq_len={args.seq_len}, force=True); print(json.dumps(r.to_dict()))")
         wall, rss, out = _run_child(code)
         info = json.loads(out.strip().splitlines()[-1])
-        rows[f"llmquant {method}"] = {"wall_s": wall, "quantize_s": info["seconds"], "peak_rss": rss}
+        rows[f"llmquant {method}"] = {"wall_s": wall, "quantize_s": info["seconds"], "peak_rss": rss,
+                                      "forward_s": info["forward_seconds"], "solve_s": info["solve_seconds"]}
         states[f"llmquant {method}"] = _ct_state(dst)
-        print(f"llmquant {method}: {wall:.1f} s, {rss / 2**20:.0f} MiB", flush=True)
+        print(f"llmquant {method}: {wall:.1f} s ({info['forward_seconds']:.1f} s forward passes, {info['solve_seconds']:.1f} s "
+              f"solving), {rss / 2**20:.0f} MiB", flush=True)
         if args.llmcompressor and method in ("gptq", "awq"):
             dst = work / f"lc-{method}"
             wall, rss, info = _llmcompressor(args.llmcompressor, src, dst, method, args.group_size, ids_path)
