@@ -128,3 +128,20 @@ def test_fold_scales_keeps_the_function():
     prev, (Wf,) = fold_scales(up, [Wq], s)
     h = rng.standard_normal((10, 12)).astype(np.float32)
     assert np.allclose((h @ prev.T) @ Wf.T, (h @ up.T) @ Wq.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, "bfloat16"])
+def test_awq_fused_error_equals_the_numpy_composition(sym, dtype):
+    """The fused kernel of the scale search gives exactly W − RTN(W·s)/s, scales rounded to the
+    stored dtype, for 2-, 4- and 8-bit grids."""
+    from llmquant.calib.awq import _rtn, scaled_error
+
+    rng = np.random.default_rng(7)
+    for bits in (2, 4, 8):
+        grid = IntGrid(bits, sym, dtype)
+        W = (rng.standard_normal((48, 96)) * 0.05).astype(np.float32)
+        s = (np.abs(rng.standard_normal(96)) + 0.3).astype(np.float32)
+        want = W - _rtn(W * s, grid, 32) / s
+        got = scaled_error(W, s, grid, 32)
+        assert np.array_equal(got, want), f"{bits} bits: {np.sum(got != want)} of {got.size} differ"

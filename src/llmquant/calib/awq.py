@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from .gptq import IntGrid, rtn
 
@@ -51,6 +52,42 @@ def _rtn(W: np.ndarray, grid: IntGrid, g: int, clip: np.ndarray | None = None) -
     return rtn(W, grid, g, clip).weight
 
 
+@njit(cache=True, nogil=True)
+def _group_range(W, s, g):  # per (row, group): min and max of W·s, float32 as numpy computes them
+    rows, cols = W.shape
+    lo = np.empty((rows, cols // g), np.float32)
+    hi = np.empty((rows, cols // g), np.float32)
+    for r in range(rows):
+        for k in range(cols // g):
+            mn, mx = np.float32(np.inf), np.float32(-np.inf)
+            for j in range(k * g, (k + 1) * g):
+                v = W[r, j] * s[j]
+                mn, mx = min(mn, v), max(mx, v)
+            lo[r, k], hi[r, k] = mn, mx
+    return lo, hi
+
+
+@njit(cache=True, nogil=True)
+def _error_kernel(W, s, scale, zero, maxq, g):  # W − Q(W·s)/s in numpy's float32 operation order
+    rows, cols = W.shape
+    D = np.empty_like(W)
+    for r in range(rows):
+        for j in range(cols):
+            k = j // g
+            q = np.float32(np.rint((W[r, j] * s[j]) / scale[r, k])) + zero[r, k]
+            q = min(max(q, np.float32(0.0)), maxq)
+            D[r, j] = W[r, j] - ((q - zero[r, k]) * scale[r, k]) / s[j]
+    return D
+
+
+def scaled_error(W: np.ndarray, s: np.ndarray, grid: IntGrid, g: int) -> np.ndarray:
+    """D = W − Q(W·s)/s, the weight change AWQ's scales s leave after round-to-nearest: the same
+    values as ``W - _rtn(W * s, grid, g) / s``, in one parallel pass instead of ten numpy passes."""
+    lo, hi = _group_range(W, s, g)
+    p = grid.fit_range(lo, hi)
+    return _error_kernel(W, s, p.scale.astype(np.float32), p.zero.astype(np.float32), np.float32(grid.maxq), g)
+
+
 def output_loss(D: np.ndarray, G: np.ndarray) -> float:
     """Σ over outputs of the mean squared output change of weights changed by D, G = XᵀX/n."""
     return float(np.einsum("ij,ij->", D @ G, D))
@@ -76,7 +113,7 @@ def awq_scales(G: np.ndarray, x_mean: np.ndarray, weights: list[np.ndarray], gri
             s = x_mean ** alpha
         s = np.maximum(s, 1e-4)
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        loss = output_loss(W - _rtn(W * s, grid, g) / s, G)
+        loss = output_loss(scaled_error(W, s, grid, g), G)
         losses.append(loss)
         if loss < best:
             best, best_s, best_alpha = loss, s, alpha

@@ -66,14 +66,18 @@ class IntGrid:
         return (1 << self.bits) - 1
 
     def fit(self, w: np.ndarray, clip: np.ndarray | float | None = None) -> IntParams:
+        return self.fit_range(w.min(axis=-1), w.max(axis=-1), clip)
+
+    def fit_range(self, wmin: np.ndarray, wmax: np.ndarray, clip: np.ndarray | float | None = None) -> IntParams:
+        """``fit`` from each group's smallest and largest weight."""
         c = self.clip if clip is None else clip
         if self.sym:
-            amax = np.abs(w).max(axis=-1) * c
+            amax = np.maximum(-wmin, wmax) * c  # max |w|
             scale = 2.0 * amax / self.maxq
             zero = np.full(scale.shape, float(1 << (self.bits - 1)), np.float32)
         else:
-            lo = np.minimum(w.min(axis=-1), 0.0) * c
-            hi = np.maximum(w.max(axis=-1), 0.0) * c
+            lo = np.minimum(wmin, 0.0) * c
+            hi = np.maximum(wmax, 0.0) * c
             scale = (hi - lo) / self.maxq
         scale = _storable(scale.astype(np.float32), self.scale_dtype)
         if not self.sym:
