@@ -141,13 +141,22 @@ def _text_config(config: dict) -> dict:
 
 def inspect_hf(folder: str | Path) -> HFModelInfo:
     """What an HF folder holds, from config.json and the safetensors headers (no weights read)."""
-    from ..runtime.torch import inspect_folder  # validates config.json and refuses pickles
-
     folder = Path(folder)
-    info = inspect_folder(folder)
-    config = info.config
-    scheme = scheme_of(config, folder / "config.json")
-    entries = open_checkpoint(folder).entries
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelFileError(folder, "no config.json: not a Hugging Face model folder (or an incomplete download)")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(cfg_path, f"is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ModelFileError(cfg_path, "expected a JSON object")
+    scheme = scheme_of(config, cfg_path)
+    checkpoint = open_checkpoint(folder)
+    entries = checkpoint.entries
+    if not entries:
+        raise ModelFileError(folder, "no weights: expected model.safetensors (or model-*-of-*.safetensors)")
+    dtype = config.get("torch_dtype") or config.get("dtype")
     by_module: dict[str, dict[str, object]] = {}
     for e in entries:
         module, _, part = e.name.rpartition(".")
@@ -211,7 +220,8 @@ def inspect_hf(folder: str | Path) -> HFModelInfo:
     return HFModelInfo(
         path=str(folder), architecture=str(archs[0]) if isinstance(archs, list) and archs else "?",
         model_type=t.get("model_type") if isinstance(t.get("model_type"), str) else None,
-        dtype=info.dtype, scheme=scheme, file_bytes=info.file_bytes,
+        dtype=dtype if isinstance(dtype, str) else None, scheme=scheme,
+        file_bytes=sum(f.stat().st_size for f in checkpoint.files),
         tensor_bytes=sum(e.n_bytes for e in entries), n_params=n_params, n_tensors=len(entries),
         quantized_linears=quantized, quantized_params=quantized_params, quantized_bytes=quantized_bytes,
         context_length=num("max_position_embeddings"), n_layer=num("num_hidden_layers", "n_layer"),
