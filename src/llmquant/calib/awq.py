@@ -82,7 +82,7 @@ def _error_kernel(W, s, scale, zero, maxq, g):  # W − Q(W·s)/s in numpy's flo
 
 def scaled_error(W: np.ndarray, s: np.ndarray, grid: IntGrid, g: int) -> np.ndarray:
     """D = W − Q(W·s)/s, the weight change AWQ's scales s leave after round-to-nearest: the same
-    values as ``W - _rtn(W * s, grid, g) / s``, in one parallel pass instead of ten numpy passes."""
+    values as ``W - _rtn(W * s, grid, g) / s``, in two compiled passes instead of ten numpy passes."""
     lo, hi = _group_range(W, s, g)
     p = grid.fit_range(lo, hi)
     return _error_kernel(W, s, p.scale.astype(np.float32), p.zero.astype(np.float32), np.float32(grid.maxq), g)
