@@ -9,7 +9,8 @@ same group size, same eval), with the ratios.
 Text: ``pydoc`` renderings of standard-library modules: calibration from one list of modules, eval
 from another (no overlap). The calibration ids are cut once (llmquant's ``calibration_tokens``:
 consecutive chunks) and handed to both tools. Each quantization runs in its own subprocess; its
-peak RSS is that child's own ru_maxrss (os.wait4). llm-compressor runs as its docs say on CPU:
+peak RSS is that child's own VmHWM at exit (not wait4's ru_maxrss, which also counts the parent's
+pages the child held between fork and exec). llm-compressor runs as its docs say on CPU:
 ``oneshot`` with GPTQModifier (W4A16 sym, group G, actorder static, damp 0.01) or AWQModifier +
 QuantizationModifier (W4A16 asym, group G, duo scaling), with ``IntermediatesCache.pin_memory``
 patched out (it needs an accelerator). Eval loads every result the same way: the float model from
@@ -46,19 +47,26 @@ def _doc(mods: list[str]) -> str:
     return "\n\n".join(pydoc.plain(pydoc.render_doc(importlib.import_module(m))) for m in mods)
 
 
+# the child's own VmHWM, printed last: ru_maxrss from wait4 would count the parent's resident pages
+# the child held between fork and exec (this bench's parent holds every result loaded so far)
+_HWM = "\nimport sys as _s; _s.stderr.write('\\nVmHWM ' + open('/proc/self/status').read().split('VmHWM:')[1].split()[0] + '\\n')\n"
+
+
 def _run_child(code: str, python: str = sys.executable, env: dict | None = None) -> tuple[float, int, str]:
     """(wall s, the child's own peak RSS bytes, stdout) of a child Python running ``code``."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
-        p = subprocess.Popen([python, "-c", code], stdout=out, stderr=err, text=True, env=env)
-        _, status, usage = os.wait4(p.pid, 0)
+        p = subprocess.Popen([python, "-c", code + _HWM], stdout=out, stderr=err, text=True, env=env)
+        _, status, _usage = os.wait4(p.pid, 0)
         wall = time.perf_counter() - t
         p.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
+        log = err.read()
         if p.returncode:
-            raise SystemExit(f"{python} child exited {p.returncode}:\n{err.read()[-4000:]}")
-        return wall, usage.ru_maxrss * 1024, out.read()
+            raise SystemExit(f"{python} child exited {p.returncode}:\n{log[-4000:]}")
+        hwm = int(log.rsplit("VmHWM ", 1)[1].split()[0]) * 1024  # kB
+        return wall, hwm, out.read()
 
 
 LLMCOMPRESSOR = r"""
@@ -177,7 +185,7 @@ def main() -> None:
     ap.add_argument("--eval-chunks", type=int, default=16)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--degrid", action="store_true", help="the de-gridded variant: each Q4_1 weight plus uniform noise within ± half its step")
-    ap.add_argument("--methods", default="rtn,gptq,awq,nf4")
+    ap.add_argument("--methods", default="rtn,gptq,gptq-minmax,awq,nf4", help="gptq-minmax: GPTQ with --range-search 0")
     ap.add_argument("--llmcompressor", metavar="PYTHON", help="llm-compressor's venv python: run its GPTQ and AWQ beside ours")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", metavar="FILE", help="also write every number to FILE")
@@ -210,9 +218,10 @@ def main() -> None:
             states["NF4 (bitsandbytes)"] = _nf4_state(src)
             continue
         dst = work / f"out-{method}"
+        extra = ", range_search=0" if method == "gptq-minmax" else ""  # GPTQ with llm-compressor's min/max group ranges
         code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'src')!r}); from llmquant.calib.hf_quant import quantize_hf; "
-                f"r = quantize_hf({str(src)!r}, {str(dst)!r}, method={method!r}, group_size={args.group_size}, calib={str(calib)!r}, "
-                f"samples={args.samples}, seq_len={args.seq_len}, force=True); print(json.dumps(r.to_dict()))")
+                f"r = quantize_hf({str(src)!r}, {str(dst)!r}, method={method.split('-')[0]!r}, group_size={args.group_size}, calib={str(calib)!r}, "
+                f"samples={args.samples}, seq_len={args.seq_len}, force=True{extra}); print(json.dumps(r.to_dict()))")
         wall, rss, out = _run_child(code)
         info = json.loads(out.strip().splitlines()[-1])
         rows[f"llmquant {method}"] = {"wall_s": wall, "quantize_s": info["seconds"], "peak_rss": rss,

@@ -154,24 +154,36 @@ def test_awq_folds_the_scales_into_the_norms(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_gptq_beats_rtn_on_the_layer_outputs(tiny, tmp_path):
+def test_gptq_beats_rtn_on_the_layer_outputs(tiny, tmp_path, monkeypatch):
     """End to end on the tiny model: on held-out text (chunks 32-39 of the shipped calibration text,
-    after the 32 calibrated on), the GPTQ export's logits are closer to the float model's than RTN's.
+    after the 32 calibrated on), the GPTQ export's logits are closer to the float model's than RTN's
+    — in one pass per layer (true sequential, the default where the batch fits), in two (calibrate
+    then propagate, where it does not), and with min/max group ranges (``range_search=0``).
     (With 8 calibration chunks GPTQ's margin depends on which chunks are held out; with 32 it is about 2x.)"""
     from transformers import AutoModelForCausalLM
 
+    from llmquant.calib import hf_quant
     from llmquant.calib.hf_quant import calibration_tokens, default_calibration_text
 
     base = AutoModelForCausalLM.from_pretrained(tiny, device_map="cpu")
     ids = torch.from_numpy(calibration_tokens(tiny, default_calibration_text()[0], 40, 64)[32:])
     with torch.no_grad():
         ref = base(ids).logits
-    errs = {}
-    for method in ("gptq", "rtn"):
-        _quantize(tiny, tmp_path / method, method=method, group_size=32, bits=3, samples=32)
+    errs, notes, weights = {}, {}, {}
+    for run, method, kw in (("gptq", "gptq", {}), ("minmax", "gptq", {"range_search": 0}), ("two-pass", "gptq", {}), ("rtn", "rtn", {})):
+        if run == "two-pass":
+            monkeypatch.setattr(hf_quant, "ONE_PASS_SHARE", 0.0)
+        res, weights[run] = _quantize(tiny, tmp_path / run, method=method, group_size=32, bits=3, samples=32, **kw)
+        notes[run] = res.notes
         with torch.no_grad():
-            errs[method] = float(((_load_ct(tmp_path / method)(ids).logits - ref) ** 2).mean())
-    assert errs["gptq"] < errs["rtn"], errs
+            errs[run] = float(((_load_ct(tmp_path / run)(ids).logits - ref) ** 2).mean())
+    assert max(errs["gptq"], errs["minmax"], errs["two-pass"]) < errs["rtn"], errs
+    assert any("do not fit one pass" in n for n in notes["two-pass"]) and not any("one pass" in n for n in notes["gptq"])
+    # the first layer's q/k/v read the same input either way; its o_proj reads quantized q/k/v in one pass
+    q = "model.layers.0.self_attn.q_proj"
+    assert np.mean(weights["gptq"][q] == weights["two-pass"][q]) > 0.99
+    o = "model.layers.0.self_attn.o_proj"
+    assert np.mean(weights["gptq"][o] == weights["two-pass"][o]) < 0.99
 
 
 def _gptqmodel_dequant(folder: Path, names: list[str]) -> dict:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+from numba import njit
 
 ACT_ORDERS = ("none", "static", "group")
 
@@ -119,6 +120,7 @@ class GPTQResult:
     g_idx: np.ndarray  # (cols,) int32: group of each original column
     perm: np.ndarray | None  # column order used (None: in order)
     damp: float  # the damping fraction that made H positive definite
+    codes: np.ndarray | None = None  # (rows, cols) int32 on an IntGrid, where the loop kept them
 
 
 def hessian_update(H: np.ndarray | None, n: int, x: np.ndarray, *, product=np.float64) -> tuple[np.ndarray, int]:
@@ -157,18 +159,61 @@ def rtn(W: np.ndarray, grid: Grid, group_size: int, clip: np.ndarray | None = No
     return GPTQResult(out, params, g_idx, None, 0.0)
 
 
-def _upper_cholesky_inverse(H: np.ndarray, damp: float) -> tuple[np.ndarray, float]:
+def range_search(W: np.ndarray, d: np.ndarray, grid: IntGrid, group_size: int, n: int, lowest: float = 0.5) -> np.ndarray:
+    """(rows, groups) range factors, one of ``n`` points in [lowest, 1]: per group, the shrink of the
+    min/max range whose round-to-nearest error Σ d_j (w_j − q_j)² is least (``d``: diag(H), the
+    weight of each input column; the first factor wins a tie). GPTQ's reference ``Quantizer`` has
+    this as its ``mse`` option (a grid of 100, |err|^2.4 unweighted); AWQ's clip search is the same
+    idea on the layer-output error."""
+    rows, cols = W.shape
+    blocks = np.ascontiguousarray(W, np.float32).reshape(rows, cols // group_size, group_size)
+    wmin, wmax = blocks.min(axis=-1), blocks.max(axis=-1)
+    cs = np.linspace(1.0, lowest, n, dtype=np.float32)
+    p = grid.fit_range(wmin[None], wmax[None], cs[:, None, None])  # (n, rows, groups) each
+    err = _range_errors(blocks, np.asarray(d, np.float32).reshape(cols // group_size, group_size),
+                        p.scale, p.zero, float(grid.maxq))
+    return cs[np.argmin(err, axis=0)]
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _range_errors(blocks, d, S, Z, maxq):  # pragma: no cover - compiled
+    """err[c, r, k] = Σ_j d[k, j] (w − q)² of group k of row r on candidate c's (scale, zero), q
+    rounded as ``IntGrid.round`` does but through 1/s (a search criterion: fastmath may reorder
+    the sum, 4x faster; the chosen range is then rounded by ``IntGrid.round`` itself)."""
+    n = S.shape[0]
+    rows, groups, g = blocks.shape
+    err = np.empty((n, rows, groups), np.float32)
+    zero = np.float32(0.0)
+    top = np.float32(maxq)
+    for c in range(n):
+        for r in range(rows):
+            for k in range(groups):
+                s, z = S[c, r, k], Z[c, r, k]
+                inv = np.float32(1.0) / s
+                acc = np.float32(0.0)
+                for j in range(g):
+                    w = blocks[r, k, j]
+                    q = min(max(np.float32(np.rint(w * inv)) + z, zero), top)
+                    e = w - (q - z) * s
+                    acc += d[k, j] * e * e
+                err[c, r, k] = acc
+    return err
+
+
+def _upper_cholesky_inverse(H: np.ndarray, damp: float, cholesky=np.linalg.cholesky) -> tuple[np.ndarray, float]:
     """U with H⁻¹ = UᵀU for H + damp·mean(diag)·I; damping ×10 until H is positive definite.
 
     One Cholesky factorisation and one inverse of a triangle: with R upper and H = RRᵀ (the
     Cholesky factor of H with rows and columns reversed, reversed back), H⁻¹ = R⁻ᵀR⁻¹, so U = R⁻¹
     by the uniqueness of the factor — the textbook chol(inv(H)) without forming inv(H) (a third
-    of the flops: a third of a GPTQ run on the default model went to it)."""
+    of the flops: a third of a GPTQ run on the default model went to it). ``cholesky``: the lower
+    factor of a matrix, raising ``np.linalg.LinAlgError`` where it is not positive definite."""
     mean_diag = float(np.mean(np.diag(H)))
     for _ in range(6):
-        Hd = H + np.eye(len(H)) * damp * mean_diag
+        Hd = H.copy()
+        Hd[np.diag_indices_from(Hd)] += damp * mean_diag
         try:
-            R = np.linalg.cholesky(Hd[::-1, ::-1])[::-1, ::-1]
+            R = np.ascontiguousarray(cholesky(Hd[::-1, ::-1])[::-1, ::-1])
             return _inverse_upper(R), damp
         except np.linalg.LinAlgError:
             damp *= 10
@@ -199,11 +244,14 @@ def hessian_inverse_upper(H: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray
 
 
 def gptq(W: np.ndarray, H: np.ndarray, grid: Grid, group_size: int, *, act_order: str = "none",
-         damp: float = 0.01, block_size: int = 128, hinv_upper: tuple[np.ndarray, float] | None = None) -> GPTQResult:
+         damp: float = 0.01, block_size: int = 128, hinv_upper: tuple[np.ndarray, float] | None = None,
+         cholesky=np.linalg.cholesky, range_points: int = 0) -> GPTQResult:
     """Quantize ``W`` (rows = output channels, cols = input channels) against Hessian ``H`` (cols, cols).
 
-    ``group_size`` 0 means one group per row (per-channel). ``hinv_upper``: (U, damp) already
-    computed for this H (``hessian_inverse_upper``), with act_order "none"."""
+    ``group_size`` 0 means one group per row (per-channel). ``range_points`` n > 0 (an ``IntGrid``):
+    each group's range is the best of n shrinks of its min/max (``range_search``), not min/max itself. ``hinv_upper``: (U, damp) already
+    computed for this H (``hessian_inverse_upper``), with act_order "none". ``cholesky``: the
+    Cholesky factorisation to use (numpy's by default; see ``_upper_cholesky_inverse``)."""
     if act_order not in ACT_ORDERS:
         raise ValueError(f"act_order {act_order!r}; expected one of {ACT_ORDERS}")
     W = np.array(W, np.float32)
@@ -222,7 +270,12 @@ def gptq(W: np.ndarray, H: np.ndarray, grid: Grid, group_size: int, *, act_order
     static = None
     perm = None
     if act_order == "static":
-        static = [grid.fit(W[:, k:k + g]) for k in range(0, cols, g)]
+        if range_points and isinstance(grid, IntGrid):
+            clip = range_search(W, np.diag(H), grid, g, range_points)
+            p_all = grid.fit(W.reshape(rows, cols // g, g), clip)
+            static = [IntParams(p_all.scale[:, k], p_all.zero[:, k]) for k in range(cols // g)]
+        else:
+            static = [grid.fit(W[:, k:k + g]) for k in range(0, cols, g)]
     if act_order != "none":
         perm = np.argsort(-np.diag(H), kind="stable")
         W = W[:, perm]
@@ -230,12 +283,15 @@ def gptq(W: np.ndarray, H: np.ndarray, grid: Grid, group_size: int, *, act_order
     if hinv_upper is not None and act_order == "none":
         U, damp = hinv_upper
     else:
-        U, damp = _upper_cholesky_inverse(H, damp)
+        U, damp = _upper_cholesky_inverse(H, damp, cholesky)
     U = U.astype(np.float32)
 
     Q = np.empty_like(W)
     fitted: dict[int, Any] = {}
     fit_group = getattr(grid, "fit_group", None) if act_order == "none" else None  # a grid that weights each group's columns its own way
+    if isinstance(grid, IntGrid) and fit_group is None:
+        C = _int_feedback(W, U, Q, grid, g, B, static, perm, fitted, np.diag(H), range_points)
+        return _result(Q, static, fitted, perm, act_order, g, damp, C)
     p = None
     # inside a block, rank-1 updates only within sub-blocks of ``sub`` columns; each sub-block's errors
     # reach the rest of the block in one product (the same sums, fewer passes over memory)
@@ -266,14 +322,94 @@ def gptq(W: np.ndarray, H: np.ndarray, grid: Grid, group_size: int, *, act_order
             W1[:, j2:] -= Err[:, j1:j2] @ U1[j1:j2, j2:]
         W[:, i2:] -= Err @ U[i1:i2, i2:]
 
+    return _result(Q, static, fitted, perm, act_order, g, damp)
+
+
+def _result(Q, static, fitted, perm, act_order, g, damp, C=None) -> GPTQResult:
+    cols = Q.shape[1]
     if act_order == "none":
-        return GPTQResult(Q, [fitted[k] for k in range(cols // g)], (np.arange(cols) // g).astype(np.int32), None, damp)
+        C = None if C is None else np.ascontiguousarray(C)
+        return GPTQResult(Q, [fitted[k] for k in range(cols // g)], (np.arange(cols) // g).astype(np.int32), None, damp, C)
     inv = np.argsort(perm)
     Q = np.ascontiguousarray(Q[:, inv])
+    C = None if C is None else np.ascontiguousarray(C[:, inv])
     if act_order == "static":
-        return GPTQResult(Q, static, (np.arange(cols) // g).astype(np.int32), perm, damp)
+        return GPTQResult(Q, static, (np.arange(cols) // g).astype(np.int32), perm, damp, C)
     g_idx = (inv // g).astype(np.int32)  # original column c sat at position inv[c]
-    return GPTQResult(Q, [fitted[k] for k in range(cols // g)], g_idx, perm, damp)
+    return GPTQResult(Q, [fitted[k] for k in range(cols // g)], g_idx, perm, damp, C)
+
+
+def _int_feedback(W, U, Q, grid: IntGrid, g: int, B: int, static, perm, fitted: dict, diag: np.ndarray,
+                  range_points: int) -> np.ndarray:
+    """The column loop of ``gptq`` for an ``IntGrid``, compiled (``_feedback_block``), on the
+    transposed weights so that a column is contiguous; each block's error reaches the columns after
+    it in one product. Groups of act-order "none" / "group" are fitted when their first column comes
+    up, on the weights as updated so far (``range_points``: their range by ``range_search`` over the
+    columns' diag(H)) — a block is then cut at each group start. The generic loop
+    below gives the same values up to the summation order of the block products (a last-bit
+    difference in a weight or scale, nothing more: tests/test_calib_math.py compares the two)."""
+    rows, cols = W.shape
+    Wt = np.ascontiguousarray(W.T)  # (cols, rows)
+    Qt = np.empty_like(Wt)
+    Ct = np.empty(Wt.shape, np.int32)
+    maxq = float(grid.maxq)
+    if static is not None:
+        ss = np.ascontiguousarray(np.stack([p.scale for p in static]))  # (groups, rows)
+        zz = np.ascontiguousarray(np.stack([p.zero for p in static]))
+    p = None
+    for i1 in range(0, cols, B):
+        i2 = min(i1 + B, cols)
+        W1, Q1, C1 = Wt[i1:i2], Qt[i1:i2], Ct[i1:i2]
+        Err = np.empty_like(W1)
+        U1 = np.ascontiguousarray(U[i1:i2, i1:i2])
+        if static is not None:
+            grp = perm[i1:i2] // g
+            _feedback_block(W1, U1, Q1, C1, Err, ss[grp], zz[grp], 0, i2 - i1, maxq)
+        else:
+            S = np.empty_like(W1)
+            Z = np.empty_like(W1)
+            lo = 0
+            while lo < i2 - i1:
+                c = i1 + lo
+                if c % g == 0:
+                    block = Wt[c:c + g].T
+                    clip = range_search(block, diag[c:c + g], grid, block.shape[1], range_points)[:, 0] if range_points else None
+                    p = fitted[c // g] = grid.fit(block, clip)
+                hi = min(i2 - i1, lo + g - c % g)
+                S[lo:hi] = p.scale
+                Z[lo:hi] = p.zero
+                _feedback_block(W1, U1, Q1, C1, Err, S, Z, lo, hi, maxq)
+                lo = hi
+        if i2 < cols:
+            Wt[i2:] -= U[i1:i2, i2:].T @ Err
+    Q[:] = Qt.T
+    return Ct.T
+
+
+@njit(cache=True, nogil=True)
+def _feedback_block(W1, U1, Q1, C1, Err, S, Z, lo, hi, maxq):  # pragma: no cover - compiled
+    """Columns lo..hi of a block, all (block columns, rows): round column i onto its (scale, zero) per
+    row, spread (w − q)/U[i, i] over the block's later columns; float32 throughout, as the numpy loop.
+    The loops run along the rows (contiguous here), which LLVM vectorizes."""
+    n, rows = W1.shape
+    zero = np.float32(0.0)
+    top = np.float32(maxq)
+    for i in range(lo, hi):
+        d = U1[i, i]
+        wi, qi, ci, ei, si, zi = W1[i], Q1[i], C1[i], Err[i], S[i], Z[i]
+        for r in range(rows):
+            w, s, z = wi[r], si[r], zi[r]
+            q = np.float32(np.rint(w / s)) + z
+            q = min(max(q, zero), top)
+            ci[r] = np.int32(q)
+            q = (q - z) * s
+            qi[r] = q
+            ei[r] = (w - q) / d
+        for k in range(i + 1, n):
+            u = U1[i, k]
+            wk = W1[k]
+            for r in range(rows):
+                wk[r] -= ei[r] * u
 
 
 def int_codes(result: GPTQResult, grid: IntGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -281,6 +417,8 @@ def int_codes(result: GPTQResult, grid: IntGrid) -> tuple[np.ndarray, np.ndarray
     ``IntGrid`` result; dequantizing them through ``g_idx`` gives ``result.weight`` back."""
     scales = np.stack([p.scale for p in result.params], axis=1)
     zeros = np.stack([p.zero for p in result.params], axis=1)
+    if result.codes is not None:
+        return result.codes, scales, zeros.astype(np.int32)
     s, z = scales[:, result.g_idx], zeros[:, result.g_idx]
     codes = np.clip(np.rint(result.weight / s) + z, 0, grid.maxq).astype(np.int32)
     return codes, scales, zeros.astype(np.int32)

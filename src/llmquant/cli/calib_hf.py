@@ -56,6 +56,8 @@ def _run(method: str, as_json: bool, **kwargs) -> None:
     rows = [("bits", str(r.bits)), ("group", r.group_note), ("symmetric", str(r.sym)), ("act-order", r.act_order),
             ("layers / linears", f"{r.layers} / {r.linears}"), ("weights on disk", _human_bytes(r.out_bytes)),
             ("time", f"{r.seconds:.1f} s")]
+    if r.method == "gptq":
+        rows.insert(4, ("group ranges", f"best of {r.range_search} shrinks of min/max (diag(H)-weighted)" if r.range_search else "min/max"))
     if r.samples:
         rows.insert(4, ("calibration", f"{r.samples} x {r.seq_len} tokens of {r.calibration}"))
     for row in rows:
@@ -70,10 +72,12 @@ def gptq(src: SrcArg, dst: DstArg, bits: BitsOpt = 4, group_size: GroupOpt = Non
          sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (zero point 2^(b-1)) or asymmetric groups.")] = True,
          act_order: Annotated[str, typer.Option("--act-order", help="static (reorder while quantizing, no g_idx), group (g_idx, desc_act) or none.")] = "static",
          damp: Annotated[float, typer.Option("--damp", help="Dampening, as a fraction of mean(diag H).")] = 0.01,
+         range_search: Annotated[int, typer.Option("--range-search", min=0, help="Each group's range: the best of N shrinks of its min/max by diag(H)-weighted error (GPTQ's mse option); 0: min/max, as llm-compressor's default observer.")] = 20,
          fmt: FormatOpt = "compressed-tensors", calib: CalibOpt = None, samples: SamplesOpt = None, seq_len: SeqOpt = 512,
          threads: ThreadsOpt = 0, force: ForceOpt = False, as_json: JsonOpt = False) -> None:
     """GPTQ a Hugging Face checkpoint on the CPU, layer by layer, into a checkpoint transformers and vLLM load."""
-    _run("gptq", as_json, src=src, dst=dst, bits=bits, group_size=group_size, sym=sym, act_order=act_order, damp=damp, fmt=fmt,
+    _run("gptq", as_json, src=src, dst=dst, bits=bits, group_size=group_size, sym=sym, act_order=act_order, damp=damp,
+         range_search=range_search, fmt=fmt,
          calib=calib, samples=samples, seq_len=seq_len, threads=default_threads(threads), force=force)
 
 
