@@ -248,10 +248,11 @@ def gptq(W: np.ndarray, H: np.ndarray, grid: Grid, group_size: int, *, act_order
          cholesky=np.linalg.cholesky, range_points: int = 0) -> GPTQResult:
     """Quantize ``W`` (rows = output channels, cols = input channels) against Hessian ``H`` (cols, cols).
 
-    ``group_size`` 0 means one group per row (per-channel). ``range_points`` n > 0 (an ``IntGrid``):
-    each group's range is the best of n shrinks of its min/max (``range_search``), not min/max itself. ``hinv_upper``: (U, damp) already
+    ``group_size`` 0 means one group per row (per-channel). ``hinv_upper``: (U, damp) already
     computed for this H (``hessian_inverse_upper``), with act_order "none". ``cholesky``: the
-    Cholesky factorisation to use (numpy's by default; see ``_upper_cholesky_inverse``)."""
+    Cholesky factorisation to use (numpy's by default; see ``_upper_cholesky_inverse``).
+    ``range_points`` n > 0 (an ``IntGrid``): each group's range is the best of n shrinks of its
+    min/max (``range_search``), not min/max itself."""
     if act_order not in ACT_ORDERS:
         raise ValueError(f"act_order {act_order!r}; expected one of {ACT_ORDERS}")
     W = np.array(W, np.float32)

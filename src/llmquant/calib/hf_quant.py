@@ -233,6 +233,19 @@ def quantize_hf(src: str | Path, dst: str | Path, *, method: str = "gptq", fmt: 
                 outs.append(o[0] if isinstance(o, tuple) else o)
         return torch.cat(outs)
 
+    def gptq_rows(weights, members, H):
+        """GPTQ of the linears ``members`` (one input, one H) as one matrix of stacked rows: {name:
+        (dequantized, codes, scales, zeros, g_idx)}, each its own rows."""
+        res = gptq(np.concatenate([weights[n] for n in members]), H, grid, g, act_order=act_order, damp=damp,
+                   cholesky=_torch_cholesky, range_points=range_search)
+        codes, scales, zeros = int_codes(res, grid)
+        out, r0 = {}, 0
+        for n in members:
+            r1 = r0 + weights[n].shape[0]
+            out[n] = (res.weight[r0:r1], codes[r0:r1], scales[r0:r1], zeros[r0:r1], res.g_idx)
+            r0 = r1
+        return out
+
     alphas: list[float] = []
     groups = None  # one_pass: the linears that read each input, in the order the forward reaches them
     n_linears = 0
@@ -265,15 +278,9 @@ def quantize_hf(src: str | Path, dst: str | Path, *, method: str = "gptq", fmt: 
                     x2 = x.reshape(-1, x.shape[-1]).float().numpy()
                     G = _gram(x2)
                     t = time.perf_counter()
-                    W = np.concatenate([weights[n] for n in members])
-                    res = gptq(W, 2.0 * G / x2.shape[0], grid, g, act_order=act_order, damp=damp, cholesky=_torch_cholesky, range_points=range_search)
-                    codes, scales, zeros = int_codes(res, grid)
-                    r0 = 0
+                    results.update(gptq_rows(weights, members, 2.0 * G / x2.shape[0]))
                     for n in members:
-                        r1 = r0 + weights[n].shape[0]
-                        results[n] = (res.weight[r0:r1], codes[r0:r1], scales[r0:r1], zeros[r0:r1], res.g_idx)
-                        mods[n].weight.copy_(torch.from_numpy(res.weight[r0:r1]))
-                        r0 = r1
+                        mods[n].weight.copy_(torch.from_numpy(results[n][0]))
                     timing[1] += time.perf_counter() - t
 
                 solved = timing[1]
@@ -287,14 +294,7 @@ def quantize_hf(src: str | Path, dst: str | Path, *, method: str = "gptq", fmt: 
                 for leader in stats:
                     members = [n for n in mods if leader_of[n] == leader]
                     G, n_tok, _ = stats[leader]
-                    W = np.concatenate([weights[n] for n in members])
-                    res = gptq(W, 2.0 * G / n_tok, grid, g, act_order=act_order, damp=damp, cholesky=_torch_cholesky, range_points=range_search)
-                    codes, scales, zeros = int_codes(res, grid)
-                    r0 = 0
-                    for n in members:
-                        r1 = r0 + weights[n].shape[0]
-                        results[n] = (res.weight[r0:r1], codes[r0:r1], scales[r0:r1], zeros[r0:r1], res.g_idx)
-                        r0 = r1
+                    results.update(gptq_rows(weights, members, 2.0 * G / n_tok))
             elif not one_pass:
                 scale_in = {n: np.ones(m.in_features, np.float32) for n, m in mods.items()}
                 if method == "awq":
