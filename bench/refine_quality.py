@@ -1,15 +1,19 @@
 """quantize --refine vs llama.cpp's own imatrix quants, same run, same per-tensor types and bytes.
 
     python bench/refine_quality.py [--types Q4_K_M,Q3_K_M,Q2_K,Q4_0,Q5_K_M] [--models default,degridded]
-                                   [--kb 200] [--chunks 32] [--threads 2]
+                                   [--kb 200] [--chunks 32] [--threads 2] [--autoround PYTHON]
+                                   [--autoround-types Q4_K_M]
 
 Sides, for each model and type:
 - llama.cpp imatrix: llama-imatrix (built from the vendored source) on the first --kb kB of the
   shipped calibration text, then llama-quantize --imatrix; wall time = imatrix + quantize.
 - llmquant: ``llmquant quantize MODEL OUT TYPE --refine --calib TEXT --calib-chunks N``, one
   process per type (calibration included in its wall time).
-- AutoRound's GGUF export runs when ``auto_round`` imports in this interpreter (``pip install
-  auto-round`` with the CPU torch); otherwise the row says so.
+- AutoRound (``--autoround PYTHON``: an interpreter with ``auto-round`` and ``gguf``, its own venv as
+  the other anchors): its GGUF export in RTN mode (``iters=0``, "opt-RTN", AutoRound's default for
+  GGUF) of the same model as a Hugging Face folder, calibrated on the same token chunks as llmquant
+  (the text cut into --chunks x 512 tokens), ``quantize_and_save(format="gguf:<type>")``. Without
+  --autoround its rows are left out and the run says so.
 Each file is evaluated with ``llmquant eval`` (llama-perplexity's numbers) against its model on
 data/eval.txt, which shares no 64-token window with the calibration text.
 
@@ -28,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import numpy as np
 from _llama_build import CACHE, build_tool
 from imatrix_speed import f32_model, timed
@@ -93,6 +98,44 @@ def ours_side(model: Path, text: Path, ftype: str, tmp: Path, args) -> tuple[Pat
     return dst, t, rss
 
 
+AUTOROUND = r"""
+import glob, json, sys, time
+import numpy as np, torch
+from auto_round import AutoRound
+src, dst, ftype, ids_path = sys.argv[1:5]
+ids = np.load(ids_path)
+t0 = time.perf_counter()
+ar = AutoRound(src, scheme=f"gguf:{ftype.lower()}", iters=0, nsamples=len(ids), seqlen=ids.shape[1],
+               dataset=[torch.from_numpy(r[None].astype(np.int64)) for r in ids])
+ar.quantize_and_save(dst, format=f"gguf:{ftype.lower()}")
+print(json.dumps({"seconds": time.perf_counter() - t0, "files": sorted(glob.glob(dst + "/**/*.gguf", recursive=True))}))
+"""
+
+
+def autoround_side(model: Path, text: Path, ftype: str, tmp: Path, args) -> tuple[Path, float, int]:
+    """AutoRound's GGUF of ``model`` (its HF folder made once per model), same calibration tokens."""
+    from hfmodel import export_default_model
+    from tokenizers import Tokenizer
+
+    folder = tmp / f"{model.stem}-hf"
+    if not (folder / "config.json").is_file():
+        export_default_model(folder, shards=1, source=model)
+    ids_path = tmp / "autoround_ids.npy"
+    if not ids_path.exists():
+        ids = np.asarray(Tokenizer.from_file(str(folder / "tokenizer.json")).encode(
+            text.read_text(encoding="utf-8"), add_special_tokens=False).ids, np.int64)
+        n = min(args.chunks, len(ids) // 512)
+        np.save(ids_path, ids[: n * 512].reshape(n, 512))
+    dst = tmp / f"{model.stem}-{ftype}-autoround"
+    script = tmp / "autoround_child.py"
+    script.write_text(AUTOROUND)
+    t, rss, out = timed([args.autoround, str(script), str(folder), str(dst), ftype, str(ids_path)])
+    files = json.loads(out.strip().splitlines()[-1])["files"]
+    if len(files) != 1:
+        raise SystemExit(f"AutoRound wrote {len(files)} GGUF files for {ftype} in {dst}; expected one")
+    return Path(files[0]), t, rss
+
+
 def evaluate(path: Path, base: Path, args) -> dict:
     p = subprocess.run([sys.executable, "-m", "llmquant", "eval", str(path), "--base", str(base), "--json",
                         "-t", str(args.threads)], capture_output=True, text=True, check=False)
@@ -116,6 +159,8 @@ def main() -> None:
     ap.add_argument("--kb", type=int, default=200, help="kilobytes of the calibration text (both sides)")
     ap.add_argument("--chunks", type=int, default=32, help="--calib-chunks for llmquant")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--autoround", help="a Python with auto-round and gguf installed (its own venv)")
+    ap.add_argument("--autoround-types", default="Q4_K_M", help="the types AutoRound makes (it is the slowest side)")
     args = ap.parse_args()
     models = {"default": lambda: f32_model(args.threads), "degridded": lambda: degridded_model(args.threads)}
     rows = []
@@ -133,28 +178,31 @@ def main() -> None:
                 ours, t_ours, rss_ours = ours_side(model, text, ftype, tmp, args)
                 if not same_layout(ours, theirs):
                     raise SystemExit(f"{ours} and {theirs} differ in tensor names, types, shapes or bytes")
-                for side, path, t, rss in (("llama.cpp imatrix", theirs, t_theirs, rss_theirs),
-                                           ("llmquant --refine", ours, t_ours, rss_ours)):
+                sides = [("llama.cpp imatrix", theirs, t_theirs, rss_theirs), ("llmquant --refine", ours, t_ours, rss_ours)]
+                if args.autoround and ftype in args.autoround_types.split(","):
+                    ar, t_ar, rss_ar = autoround_side(model, text, ftype, tmp, args)
+                    sides.append(("AutoRound RTN", ar, t_ar, rss_ar))
+                    if not same_layout(ar, theirs):
+                        print(f"    AutoRound's {ftype} differs from llama.cpp's in tensor types or bytes", flush=True)
+                kld = {}
+                for side, path, t, rss in sides:
                     e = evaluate(path, model, args)
+                    kld[side] = e["kld_mean"]
                     rows.append((mname, ftype, side, e, t, rss, path.stat().st_size))
                     print(f"    {side:18} KLD {e['kld_mean']:.5f} ± {e['kld_err']:.5f}  same-top "
                           f"{e['top1']:.2f}%  PPL {e['ppl']:.4f}  {t:6.1f} s  {rss / 2**20:5.0f} MiB",
                           flush=True)
-                base, mine = rows[-2][3]["kld_mean"], rows[-1][3]["kld_mean"]
-                print(f"    ratio refine / llama.cpp imatrix: KLD {mine / base:.3f}, time {t_ours / t_theirs:.2f}",
-                      flush=True)
-            print(f"    AutoRound: {'installed' if _has_autoround() else 'not installed here (pip install auto-round)'}")
+                mine = kld["llmquant --refine"]
+                print(f"    ratio refine / llama.cpp imatrix: KLD {mine / kld['llama.cpp imatrix']:.3f}, time {t_ours / t_theirs:.2f}"
+                      + (f"; refine / AutoRound: KLD {mine / kld['AutoRound RTN']:.3f}, time {t_ours / sides[2][2]:.2f}"
+                         if len(sides) > 2 else ""), flush=True)
+    if not args.autoround:
+        print("AutoRound not run: pass --autoround PYTHON (a venv with auto-round and gguf)")
     print("\n| model | type | side | mean KLD | same-top | PPL | wall s | peak RSS MiB | file bytes |")
     print("|---|---|---|---|---|---|---|---|---|")
     for mname, ftype, side, e, t, rss, size in rows:
         print(f"| {mname} | {ftype} | {side} | {e['kld_mean']:.5f} ± {e['kld_err']:.5f} | {e['top1']:.2f}% "
               f"| {e['ppl']:.4f} | {t:.0f} | {rss / 2**20:.0f} | {size:,} |")
-
-
-def _has_autoround() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("auto_round") is not None
 
 
 if __name__ == "__main__":

@@ -97,12 +97,14 @@ def tokenizer_json(tokens: list[str], types: list[int], merges: list[str]) -> di
     }
 
 
-def export_default_model(folder: Path, *, shards: int = 2, dtype: str = "F32", card: bool = True) -> Path:
-    """The embedded model as a Hugging Face folder (F32 weights = its exact F32 rendering)."""
+def export_default_model(folder: Path, *, shards: int = 2, dtype: str = "F32", card: bool = True,
+                         source: Path | None = None) -> Path:
+    """The embedded model as a Hugging Face folder (F32 weights = its exact F32 rendering); ``source``:
+    another GGUF of the same architecture and vocabulary instead (e.g. a bench's de-gridded F32 file)."""
     from llmquant.gguf.source import GGUFSource
 
     folder.mkdir(parents=True, exist_ok=True)
-    with GGUFSource(default_model_path()) as src:
+    with GGUFSource(source or default_model_path()) as src:
         get = src.get
         n_head, n_head_kv = get("llama.attention.head_count"), get("llama.attention.head_count_kv")
         tokens, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type")

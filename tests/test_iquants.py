@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 from helpers import adversarial_rows, assert_same_blocks, importance_vectors
-from test_kquants import _extra_adversarial, fuzz_rows, minilm_rows, smollm2_rows
+from test_kquants import _extra_adversarial, fuzz_rows, minilm_rows, smollm2_rows, sweep_rows
 
 from llmquant.errors import FormatError
 from llmquant.formats import get_format
@@ -160,11 +160,25 @@ def test_dequantize_matches_libggml(qtype):
 @pytest.mark.parametrize("kind", IMPORTANCE_KINDS, ids=lambda k: k or "no_imatrix")
 @pytest.mark.parametrize("qtype", IQ_TYPES, ids=lambda t: t.name)
 def test_all_real_weights(qtype, kind):
-    """Every 2-D weight of SmolLM2 (token embedding included) and all-MiniLM-L6-v2, a spread
-    sample of rows of each."""
+    """SmolLM2's 2-D weights of five layers and the token embedding (``test_kquants.sweep_rows``)
+    and every one of all-MiniLM-L6-v2, a spread sample of rows of each."""
     if kind is None and needs_imatrix(qtype):
         pytest.skip(f"libggml asserts an imatrix for {qtype.name}")
-    for name, rows in smollm2_rows(None) + minilm_rows(None):
+    _sweep(qtype, kind, sweep_rows())
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("kind", IMPORTANCE_KINDS, ids=lambda k: k or "no_imatrix")
+@pytest.mark.parametrize("qtype", IQ_TYPES, ids=lambda t: t.name)
+def test_all_real_weights_every_layer(qtype, kind):
+    """The same over every 2-D weight of SmolLM2's 30 layers."""
+    if kind is None and needs_imatrix(qtype):
+        pytest.skip(f"libggml asserts an imatrix for {qtype.name}")
+    _sweep(qtype, kind, smollm2_rows(None) + minilm_rows(None))
+
+
+def _sweep(qtype, kind, tensors) -> None:
+    for name, rows in tensors:
         rows = _sample(rows, SWEEP_ROWS)
         importance = None if kind is None else importance_vectors(rows.shape[1])[kind]
         check(qtype, rows, importance, f"{name} importance={kind}", threads=2)

@@ -5,9 +5,12 @@ the calibration tokens are embedded once; then for each decoder layer its weight
 safetensors memory map into a transformers decoder layer built from the config (so the forward is
 transformers' own: RMSNorm, rotary, GQA attention, SwiGLU), the calibration activations run through
 it while hooks accumulate XᵀX and Σ|x| for every group of linears that read the same input, the
-layer's linears are quantized (calib/gptq.py, calib/awq.py), and the *quantized* layer's outputs
-become the next layer's inputs. The layer's packed tensors go to their own shard at once. Peak memory:
-one layer in float32, the activations (samples × seq_len × hidden, twice) and the Gram matrices.
+layer's linears are quantized (calib/gptq.py, calib/awq.py); for GPTQ the *quantized* layer's outputs
+become the next layer's inputs (a second pass), for AWQ the float layer's outputs of the calibration
+pass do (AutoAWQ's order: each layer's scales are searched against the float model's activations —
+on SmolLM2 that measured both lower KLD, 0.124 vs 0.135, and 11 s faster than propagating the
+quantized layer). The layer's packed tensors go to their own shard at once. Peak memory: one layer
+in float32, the activations (samples × seq_len × hidden, twice) and the Gram matrices.
 
 GPTQ goes one step further where the whole calibration batch fits in memory at once (``_one_pass``):
 one forward pass per layer, each group of linears quantized by a hook the moment the pass reaches
@@ -266,7 +269,7 @@ def quantize_hf(src: str | Path, dst: str | Path, *, method: str = "gptq", fmt: 
             layer.load_state_dict(state)
             layer.float()
             mods = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-            stats, leader_of = {}, {}
+            stats, leader_of, float_out = {}, {}, None
             weights = {n: m.weight.detach().numpy().astype(np.float32, copy=True) for n, m in mods.items()}
             results: dict[str, tuple] = {}
             t0 = time.perf_counter()
@@ -287,7 +290,7 @@ def quantize_hf(src: str | Path, dst: str | Path, *, method: str = "gptq", fmt: 
                 hidden = _one_pass(layer, mods, groups, hidden, mask, pos, (cos, sin), solve)
                 timing[0] += time.perf_counter() - t0 - (timing[1] - solved)
             elif method != "rtn":
-                stats, leader_of = _collect(layer, mods, hidden, run)
+                stats, leader_of, float_out = _collect(layer, mods, hidden, run)
             t1 = time.perf_counter()
             timing[0] += (t1 - t0) if not one_pass else 0.0
             if method == "gptq" and not one_pass:
@@ -346,12 +349,14 @@ def quantize_hf(src: str | Path, dst: str | Path, *, method: str = "gptq", fmt: 
             out.shard(i, tensors)
             if on_layer:
                 on_layer(i, {prefix + n: r[0] for n, r in results.items()})
-            if hidden is not None and i + 1 < n_layers and not one_pass:
+            if hidden is not None and method == "awq":
+                hidden = float_out  # AutoAWQ's order: every layer calibrated on the float model's activations
+            elif hidden is not None and i + 1 < n_layers and not one_pass:
                 t0 = time.perf_counter()
                 hidden = run(layer, hidden)
                 timing[0] += time.perf_counter() - t0
             layer.to("meta")
-            del state, weights, results, stats, tensors
+            del state, weights, results, stats, tensors, float_out
         # everything outside the decoder layers, as stored
         rest = {}
         for e in ckpt.entries:
@@ -466,8 +471,8 @@ def _gram(x2: np.ndarray) -> np.ndarray:
 
 def _collect(layer, mods, hidden, run):
     """Run the calibration activations through ``layer`` with hooks on its linears. Returns
-    ({leader: (Σxᵀx float64, tokens, Σ|x| float64)}, {linear: leader}); linears fed by the same tensor
-    (q/k/v, gate/up) share one leader and one set of statistics."""
+    ({leader: (Σxᵀx float64, tokens, Σ|x| float64)}, {linear: leader}, the layer's output); linears
+    fed by the same tensor (q/k/v, gate/up) share one leader and one set of statistics."""
 
     stats: dict[str, list] = {}
     leader_of: dict[str, str] = {}
@@ -496,9 +501,9 @@ def _collect(layer, mods, hidden, run):
 
     handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
     try:
-        run(layer, hidden)
+        out = run(layer, hidden)
     finally:
         for h in handles:
             h.remove()
         live.clear()
-    return {k: tuple(v) for k, v in stats.items()}, leader_of
+    return {k: tuple(v) for k, v in stats.items()}, leader_of, out
