@@ -47,12 +47,13 @@ def main() -> None:
     t_gram = 3 * _time(lambda: xn.T @ xn) + _time(lambda: yn.T @ yn)  # q/k/v, o, gate/up inputs; down's
     a = torch.randn(2048, 2048)
     peak = 2 * 2048 ** 3 / _time(lambda: a @ a) / 1e9
-    print(f"per layer: linears {flops / 1e9:.1f} GFLOP in {t_lin * 1e3:.0f} ms ({flops / t_lin / 1e9:.0f} GFLOPS), "
-          f"attention {t_att * 1e3:.0f} ms, Gram matrices {t_gram * 1e3:.0f} ms; sgemm 2048^3 {peak:.0f} GFLOPS")
+    print(f"sgemm 2048^3: {peak:.0f} GFLOPS ({args.threads} threads, torch {torch.__version__}, numpy {np.__version__})")
+    print(f"{'per layer':<16} {'ms':>7} {f'x{layers} s':>7}")
+    for name, t in (("linears", t_lin), ("attention", t_att), ("Gram matrices", t_gram)):
+        print(f"{name:<16} {t * 1e3:7.0f} {layers * t:7.1f}")
     total = layers * (t_lin + t_att + t_gram)
-    print(f"x{layers} layers: linears {layers * t_lin:.1f} s + attention {layers * t_att:.1f} s + Gram "
-          f"{layers * t_gram:.1f} s = {total:.1f} s, the floor of one calibration pass over {T} tokens")
-    print(f"(np {np.__version__}, torch {torch.__version__}, {args.threads} threads)")
+    print(f"{'floor':<16} {'':>7} {total:7.1f}   one calibration pass over {T} tokens")
+    print(f"linears: {flops / 1e9:.1f} GFLOP a layer at {flops / t_lin / 1e9:.0f} GFLOPS")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Sides, for each model and type:
   shipped calibration text, then llama-quantize --imatrix; wall time = imatrix + quantize.
 - llmquant: ``llmquant quantize MODEL OUT TYPE --refine --calib TEXT --calib-chunks N``, one
   process per type (calibration included in its wall time).
-- AutoRound (``--autoround PYTHON``: an interpreter with ``auto-round`` and ``gguf``, its own venv as
+- AutoRound (``--autoround PYTHON``: an interpreter with ``auto-round``, ``gguf`` and ``sentencepiece``
+  — its llama converter imports it before it falls back to the GPT-2 vocabulary — in its own venv as
   the other anchors): its GGUF export in RTN mode (``iters=0``, "opt-RTN", AutoRound's default for
   GGUF) of the same model as a Hugging Face folder, calibrated on the same token chunks as llmquant
   (the text cut into --chunks x 512 tokens), ``quantize_and_save(format="gguf:<type>")``. Without
@@ -159,7 +160,7 @@ def main() -> None:
     ap.add_argument("--kb", type=int, default=200, help="kilobytes of the calibration text (both sides)")
     ap.add_argument("--chunks", type=int, default=32, help="--calib-chunks for llmquant")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--autoround", help="a Python with auto-round and gguf installed (its own venv)")
+    ap.add_argument("--autoround", help="a Python with auto-round, gguf and sentencepiece (its own venv)")
     ap.add_argument("--autoround-types", default="Q4_K_M", help="the types AutoRound makes (it is the slowest side)")
     args = ap.parse_args()
     models = {"default": lambda: f32_model(args.threads), "degridded": lambda: degridded_model(args.threads)}
@@ -184,20 +185,20 @@ def main() -> None:
                     sides.append(("AutoRound RTN", ar, t_ar, rss_ar))
                     if not same_layout(ar, theirs):
                         print(f"    AutoRound's {ftype} differs from llama.cpp's in tensor types or bytes", flush=True)
-                kld = {}
+                kld, wall = {}, {}
                 for side, path, t, rss in sides:
                     e = evaluate(path, model, args)
-                    kld[side] = e["kld_mean"]
+                    kld[side], wall[side] = e["kld_mean"], t
                     rows.append((mname, ftype, side, e, t, rss, path.stat().st_size))
                     print(f"    {side:18} KLD {e['kld_mean']:.5f} ± {e['kld_err']:.5f}  same-top "
                           f"{e['top1']:.2f}%  PPL {e['ppl']:.4f}  {t:6.1f} s  {rss / 2**20:5.0f} MiB",
                           flush=True)
-                mine = kld["llmquant --refine"]
-                print(f"    ratio refine / llama.cpp imatrix: KLD {mine / kld['llama.cpp imatrix']:.3f}, time {t_ours / t_theirs:.2f}"
-                      + (f"; refine / AutoRound: KLD {mine / kld['AutoRound RTN']:.3f}, time {t_ours / sides[2][2]:.2f}"
-                         if len(sides) > 2 else ""), flush=True)
+                for other in ("llama.cpp imatrix", "AutoRound RTN"):
+                    if other in kld:
+                        print(f"    ratio refine / {other}: KLD {kld['llmquant --refine'] / kld[other]:.3f}, "
+                              f"time {t_ours / wall[other]:.2f}", flush=True)
     if not args.autoround:
-        print("AutoRound not run: pass --autoround PYTHON (a venv with auto-round and gguf)")
+        print("AutoRound not run: pass --autoround PYTHON (a venv with auto-round, gguf and sentencepiece)")
     print("\n| model | type | side | mean KLD | same-top | PPL | wall s | peak RSS MiB | file bytes |")
     print("|---|---|---|---|---|---|---|---|---|")
     for mname, ftype, side, e, t, rss, size in rows:

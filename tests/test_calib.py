@@ -392,21 +392,22 @@ def test_auto_imatrix_is_reused_while_current(tmp_path):
 
 @pytest.mark.slow
 def test_ladder_rows_with_and_without_imatrix(tmp_path):
-    """Every K/legacy rung also made with the imatrix (RUNG+imat), a KLD gain column, the plot; on a
-    two-layer model with SmolLM2's vocabulary (the main job's test runs the default model itself)."""
+    """Every K/legacy rung also made with the imatrix (RUNG+imat), a KLD gain column, the plot; on two
+    layers of SmolLM2's shapes with its vocabulary (the main job's test runs the default model itself):
+    576 columns, so the IQ4_XS rung falls back to IQ4_NL there as on the default model."""
     from tinymodel import write_tiny_llama_with_vocab
 
     from llmquant.measure.ladder import run_ladder
     from llmquant.measure.report import columns, kld_gain, markdown, write_all
 
-    model = write_tiny_llama_with_vocab(tmp_path / "tiny-vocab.gguf")
+    model = write_tiny_llama_with_vocab(tmp_path / "tiny-vocab.gguf", n_embd=576, n_head=9, n_head_kv=3, n_ff=1536)
     im = make_imatrix(model, None, tmp_path / "i.gguf", chunks=2, n_batch=1024, threads=2)
     result = run_ladder(model, rungs=("Q8_0", "Q4_0", "IQ4_XS"), out_dir=tmp_path / "lad", chunks=2, threads=2, speed=False,
                         imatrix=im.path)
     # Q8_0 ignores an imatrix; an IQ rung is made only with it
     assert [r.name for r in result.rungs] == ["Q8_0", "Q4_0", "Q4_0+imat", "IQ4_XS+imat"]
     iq = result.rungs[3]
-    assert Path(iq.path).name.endswith("-IQ4_XS-imat.gguf") and "IQ4_XS" in iq.types
+    assert Path(iq.path).name.endswith("-IQ4_XS-imat.gguf") and "IQ4_XS" in iq.types and "IQ4_NL" in iq.types
     assert iq.eval["kld_mean"] > 0
     plain, imat = result.rungs[1], result.rungs[2]
     assert Path(plain.path).read_bytes() != Path(imat.path).read_bytes()
