@@ -91,6 +91,24 @@ def test_refine_beats_llama_cpp_imatrix_on_the_layer_output(qtype):
           f"({e_llama / e_refined:.2f}x lower); feedback ratio {r.feedback_ratio:.3f}")
     assert r.kept and r.data.shape == theirs.shape
     assert e_refined < 0.8 * e_llama
+    # what quantize --refine runs: feedback on H shrunk toward its diagonal, still judged on the true H
+    s = R.refine_tensor(W, R.shrink_hessian(H, R.DEFAULT_SHRINK), qtype, encode, decode, plain=theirs)
+    e_shrunk = R.output_error(W - ggml_dequantize(qtype, s.data.reshape(-1), W.size).reshape(W.shape), H)
+    print(f"{qtype.name}: with shrink {R.DEFAULT_SHRINK}: {e_shrunk:.5g} ({e_llama / e_shrunk:.2f}x lower)")
+    assert e_shrunk < e_llama
+
+
+def test_shrink_hessian_moves_only_the_off_diagonal():
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((300, 8))
+    H, _ = hessian_update(None, 0, X)
+    np.testing.assert_array_equal(R.shrink_hessian(H, 0.0), H)
+    np.testing.assert_array_equal(R.shrink_hessian(H, 1.0), np.diag(np.diag(H)))
+    half = R.shrink_hessian(H, 0.5)
+    np.testing.assert_allclose(half, (H + np.diag(np.diag(H))) / 2, rtol=1e-15)
+    assert np.linalg.eigvalsh(half).min() > 0
+    with pytest.raises(ValueError, match="shrink 1.5"):
+        R.shrink_hessian(H, 1.5)
 
 
 def test_refine_keeps_the_plain_encoding_when_it_is_better():

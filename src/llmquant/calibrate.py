@@ -293,6 +293,7 @@ def refine_model(
     n_ctx: int = 512,
     damp: float = 0.01,
     weighting: str = "ldl",
+    shrink: float | None = None,
     threads: int | None = None,
     force: bool = False,
     dry_run: bool = False,
@@ -305,13 +306,15 @@ def refine_model(
     """``quantize --refine``: llama.cpp's per-tensor types for ``ftype`` (as with an imatrix), each
     refinable tensor encoded against its layer's XᵀX over the calibration text (calib.refine).
     ``stats``: HessianStats already collected (``collect_hessians``) for this model and text.
+    ``shrink``: how far each XᵀX is pulled toward its diagonal before error feedback
+    (``calib.refine.shrink_hessian``; None: ``DEFAULT_SHRINK``).
     Returns the QuantizeResult, its ``refine`` dict filled in."""
     import time
     from dataclasses import replace
 
     from gguf import GGUFValueType
 
-    from .calib.refine import Refiner
+    from .calib.refine import DEFAULT_SHRINK, Refiner
     from .formats import get_format
     from .gguf.recipes import RecipeOptions
     from .quantize import quantize_model
@@ -336,10 +339,11 @@ def refine_model(
         fmt = get_format(qtype)
         return (lambda w, imp: fmt.quantize(w, imp)), (lambda b, shape: fmt.dequantize(b, shape))
 
-    refiner = Refiner(stats, codec, damp=damp, weighting=weighting, on_tensor=on_tensor)
+    shrink = DEFAULT_SHRINK if shrink is None else shrink
+    refiner = Refiner(stats, codec, damp=damp, weighting=weighting, shrink=shrink, on_tensor=on_tensor)
     importance = {n: refiner.importance(n) for n in [*stats.hessians, *stats.alias]}
     n_tokens = max(stats.counts.values())
-    settings = f"gptq damp={damp} weighting={weighting} tokens={n_tokens} ctx={n_ctx} text={text_path.name}"
+    settings = f"gptq damp={damp} shrink={shrink} weighting={weighting} tokens={n_tokens} ctx={n_ctx} text={text_path.name}"
     metadata = {"llmquant.refine": (settings, GGUFValueType.STRING)}
     result = quantize_model(src, dst, ftype, options=options, importance=importance, metadata=metadata,
                             threads=threads or 1, force=force, progress=progress, refine=refiner,

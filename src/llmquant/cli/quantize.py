@@ -148,7 +148,7 @@ def quantize(
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite DST if it exists.")] = False,
     name: Annotated[Optional[str], typer.Option("--name", help="Also add DST to the model store as NAME[:TAG].", show_default=False)] = None,
     split_max_size: SplitOpt = None,
-    refine: Annotated[bool, typer.Option("--refine", help="Calibrate: the same per-tensor types and bytes as llama.cpp's imatrix quant of TYPE, better values (GPTQ error feedback over each layer's inputs on the shipped calibration text, or --calib).")] = False,
+    refine: Annotated[bool, typer.Option("--refine", help="Calibrate: the same per-tensor types and bytes as llama.cpp's imatrix quant of TYPE, better values (GPTQ error feedback over each layer's input correlations, shrunk toward their diagonal, on the shipped calibration text or --calib).")] = False,
     calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration text file or folder for --refine (default: the shipped one).", show_default=False)] = None,
     calib_chunks: Annotated[int, typer.Option("--calib-chunks", help="Chunks of 512 tokens of calibration text --refine reads (0: all).")] = 32,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="With --refine: a line per tensor (layer-output error gain, feedback ratio).")] = False,
