@@ -269,19 +269,3 @@ def test_cli_refine_json_verbose_and_bad_options(tiny_vocab_model, tmp_path):
         assert p.returncode != 0 and "Traceback" not in p.stderr
         assert needle in p.stderr.strip().splitlines()[-1]
         assert not (tmp_path / "x.gguf").exists()
-
-
-@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q4_1, T.IQ4_NL], ids=lambda t: t.name)
-def test_scale_search_on_two_threads_is_the_one_thread_search(qtype):
-    from concurrent.futures import ThreadPoolExecutor
-
-    rng = np.random.default_rng(5)
-    w = (rng.standard_normal((300, 32)) * 0.03).astype(np.float32)
-    qw = rng.uniform(0.1, 3.0, 32).astype(np.float32)
-    f = np.linspace(0.55, 1.25, 71, dtype=np.float32)
-    one = R.search_scale(w, qw, qtype, f)
-    with ThreadPoolExecutor(2) as pool:
-        two = R.search_scale(w, qw, qtype, f, threads=2, pool=pool)
-    np.testing.assert_array_equal(one.d, two.d)
-    if one.m is not None:
-        np.testing.assert_array_equal(one.m, two.m)

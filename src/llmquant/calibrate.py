@@ -310,7 +310,6 @@ def refine_model(
     (``calib.refine.shrink_hessian``; None: ``DEFAULT_SHRINK``).
     Returns the QuantizeResult, its ``refine`` dict filled in."""
     import time
-    from concurrent.futures import ThreadPoolExecutor
     from dataclasses import replace
 
     from gguf import GGUFValueType
@@ -336,28 +335,19 @@ def refine_model(
         stats = collect_hessians(src, text_path, n_ctx=n_ctx, chunks=chunks, threads=threads, progress=chunk_progress)
     t_stats = time.perf_counter() - t0
 
-    n_threads = max(threads or 1, 1)
-    pool = ThreadPoolExecutor(max_workers=n_threads) if n_threads > 1 else None
-
     def codec(qtype):
         fmt = get_format(qtype)
-        return ((lambda w, imp: fmt.quantize(w, imp, threads=n_threads, pool=pool)),
-                (lambda b, shape: fmt.dequantize(b, shape)))
+        return (lambda w, imp: fmt.quantize(w, imp)), (lambda b, shape: fmt.dequantize(b, shape))
 
     shrink = DEFAULT_SHRINK if shrink is None else shrink
-    refiner = Refiner(stats, codec, damp=damp, weighting=weighting, shrink=shrink, threads=n_threads, pool=pool,
-                      on_tensor=on_tensor)
+    refiner = Refiner(stats, codec, damp=damp, weighting=weighting, shrink=shrink, on_tensor=on_tensor)
     importance = {n: refiner.importance(n) for n in [*stats.hessians, *stats.alias]}
     n_tokens = max(stats.counts.values())
     settings = f"gptq damp={damp} shrink={shrink} weighting={weighting} tokens={n_tokens} ctx={n_ctx} text={text_path.name}"
     metadata = {"llmquant.refine": (settings, GGUFValueType.STRING)}
-    try:
-        result = quantize_model(src, dst, ftype, options=options, importance=importance, metadata=metadata,
-                                threads=threads or 1, force=force, progress=progress, refine=refiner,
-                                split_max_size=split_max_size)
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    result = quantize_model(src, dst, ftype, options=options, importance=importance, metadata=metadata,
+                            threads=threads or 1, force=force, progress=progress, refine=refiner,
+                            split_max_size=split_max_size)
     reports = refiner.reports
     result.seconds = time.perf_counter() - t0
     result.refine = {

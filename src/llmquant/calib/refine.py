@@ -26,7 +26,6 @@ layer: Σ 1/U_jj² / Σ H_jj (1: nothing; small: a lot).
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -86,8 +85,6 @@ class BlockGrid:
     qtype: T
     weights: np.ndarray | None = None
     factors: np.ndarray = field(default_factory=lambda: np.linspace(0.55, 1.25, 71, dtype=np.float32))
-    threads: int = 1  # the scale search splits a group's rows over this many threads of ``pool``
-    pool: Executor | None = None
 
     def __post_init__(self):
         if self.qtype not in _LEGACY:
@@ -104,7 +101,7 @@ class BlockGrid:
             qw = np.ones(w.shape[-1], np.float32)
         else:
             qw = np.asarray(self.weights[group * QK:(group + 1) * QK], np.float32)
-        return search_scale(w, qw, self.qtype, self.factors, threads=self.threads, pool=self.pool)
+        return search_scale(w, qw, self.qtype, self.factors)
 
     def round(self, w: np.ndarray, p: BlockParams, j: int = 0) -> np.ndarray:
         return self.values(self.codes(w, p), p)
@@ -226,31 +223,18 @@ def _search_rows(w, qw, factors, kind, lo, hi, table, d_out, m_out):  # pragma: 
 _KIND = {"sym": 0, "asym": 1, "table": 2}
 
 
-def search_scale(w: np.ndarray, qw: np.ndarray, qtype: T, factors: np.ndarray, *, threads: int = 1,
-                 pool: Executor | None = None) -> BlockParams:
+def search_scale(w: np.ndarray, qw: np.ndarray, qtype: T, factors: np.ndarray) -> BlockParams:
     """Per row of ``w`` (rows, 32): the f16 scale (and min) with the least Σ qw·(w − ŵ)² over the
     candidate scales ``factors`` × the plain one (max|w|/nmax with the sign that maps the peak onto
     the far end of the codes, as llama.cpp's d = max / −nmax; (max − min)/nmax for asymmetric
     types), each refitted by weighted least squares given its codes, rounded to f16 and its codes
-    re-rounded on it. With ``threads > 1`` (and ``pool``) contiguous slices of rows are searched in
-    parallel (the compiled loop releases the GIL; each row's result is the same either way)."""
+    re-rounded on it."""
     kind, lo, hi = _LEGACY[qtype]
     w = np.ascontiguousarray(w, np.float32)
-    qw = np.ascontiguousarray(qw, np.float32)
-    factors = np.ascontiguousarray(factors, np.float32)
     d = np.empty(w.shape[0], np.float32)
     m = np.empty(w.shape[0], np.float32)
-    n_tasks = min(threads, w.shape[0] // 64) if pool is not None else 1
-    bounds = np.linspace(0, w.shape[0], max(n_tasks, 1) + 1).astype(int)
-
-    def work(i: int) -> None:
-        a, b = bounds[i], bounds[i + 1]
-        _search_rows(w[a:b], qw, factors, _KIND[kind], lo, hi, IQ4NL_VALUES, d[a:b], m[a:b])
-
-    if n_tasks > 1:
-        list(pool.map(work, range(n_tasks)))
-    else:
-        work(0)
+    _search_rows(w, np.ascontiguousarray(qw, np.float32), np.ascontiguousarray(factors, np.float32), _KIND[kind],
+                 lo, hi, IQ4NL_VALUES, d, m)
     return BlockParams(d, m if kind == "asym" else None)
 
 
@@ -345,8 +329,7 @@ Decoder = Callable[[np.ndarray, tuple[int, int]], np.ndarray]
 
 
 def refine_block_type(W: np.ndarray, H: np.ndarray, qtype: T, *, damp: float = 0.01, weighting: str = "ldl",
-                      hinv: tuple[np.ndarray, float] | None = None, threads: int = 1,
-                      pool: Executor | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      hinv: tuple[np.ndarray, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ over a 32-block type: (bytes (rows, row bytes), values (rows, cols))."""
     W = np.asarray(W, np.float32)
     rows, cols = W.shape
@@ -354,7 +337,7 @@ def refine_block_type(W: np.ndarray, H: np.ndarray, qtype: T, *, damp: float = 0
         raise ValueError(f"{cols} columns are not a multiple of {QK}")
     hinv = hinv or hessian_inverse_upper(H, damp)
     weights = _weights(H, weighting, QK, hinv[0])
-    grid = BlockGrid(qtype, weights, threads=threads, pool=pool)
+    grid = BlockGrid(qtype, weights)
     res = gptq(W, H, grid, QK, damp=damp, hinv_upper=hinv)
     nb = cols // QK
     blocks = res.weight.reshape(rows, nb, QK)
@@ -492,8 +475,7 @@ def _weights(H: np.ndarray, weighting: str, block: int, U: np.ndarray) -> np.nda
 
 def refine_tensor(W: np.ndarray, H: np.ndarray, qtype: T, encode: Encoder, decode: Decoder, *,
                   damp: float = 0.01, weighting: str = "ldl", plain: Any = None,
-                  hinv: tuple[np.ndarray, float] | None = None, threads: int = 1,
-                  pool: Executor | None = None) -> Refined:
+                  hinv: tuple[np.ndarray, float] | None = None) -> Refined:
     """The refined ggml bytes of ``W`` as ``qtype`` against ``H``, or the plain imatrix encoding
     (``encode(W, diag(H)/2)``, or ``plain`` bytes when given) when that has the smaller layer-output
     error."""
@@ -505,8 +487,7 @@ def refine_tensor(W: np.ndarray, H: np.ndarray, qtype: T, encode: Encoder, decod
     e_plain = output_error(W - plain_values, H)
     hinv = hinv or hessian_inverse_upper(H, damp)
     if qtype in BLOCK_TYPES:
-        data, values, method = *refine_block_type(W, H, qtype, damp=damp, weighting=weighting, hinv=hinv,
-                                                  threads=threads, pool=pool), "gptq"
+        data, values, method = *refine_block_type(W, H, qtype, damp=damp, weighting=weighting, hinv=hinv), "gptq"
     elif qtype in K_TYPES:
         data, values, method = *refine_k_type(W, H, qtype, encode, decode, damp=damp, weighting=weighting,
                                               hinv=hinv), "gptq"
@@ -606,8 +587,6 @@ class Refiner:
     damp: float = 0.01
     weighting: str = "ldl"
     shrink: float = DEFAULT_SHRINK
-    threads: int = 1  # with ``pool``: the 32-block scale search's rows in parallel
-    pool: Executor | None = None
     reports: list[TensorReport] = field(default_factory=list)
     on_tensor: Callable[[TensorReport], None] | None = None
     # the last H's (id, shrunk H, (U, damp)): q/k/v and gate/up share one
@@ -630,7 +609,7 @@ class Refiner:
             Hs = shrink_hessian(H, self.shrink)
             self._hinv = (id(H), Hs, hessian_inverse_upper(Hs, self.damp))
         r = refine_tensor(rows, self._hinv[1], qtype, encode, decode, damp=self.damp, weighting=self.weighting,
-                          plain=plain, hinv=self._hinv[2], threads=self.threads, pool=self.pool)
+                          plain=plain, hinv=self._hinv[2])
         rep = TensorReport(name, qtype.name, r.method, r.kept, round(r.gain, 4), round(r.feedback_ratio, 4),
                            round(time.perf_counter() - t0, 3))
         self.reports.append(rep)
