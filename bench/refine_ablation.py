@@ -32,11 +32,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import numpy as np
 from _llama_build import CACHE
-from imatrix_speed import f32_model
-from refine_quality import degridded_model, evaluate, llama_side
+from refine_quality import bench_models, calibration_text, evaluate, llama_side
 
 from llmquant.calib import refine as R
-from llmquant.calib.stats import default_calibration_path
 from llmquant.calibrate import collect_hessians, refine_model
 from llmquant.gguf.recipes import parse_ftype
 
@@ -71,14 +69,12 @@ def main() -> None:
     ap.add_argument("--quantized-inputs", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    models = {"default": lambda: f32_model(args.threads), "degridded": lambda: degridded_model(args.threads)}
+    models = bench_models(args.threads)
     shrinks = [float(s) for s in args.shrinks.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         tmp = Path(tmp)
-        text = tmp / "calib.txt"
-        raw = default_calibration_path().read_bytes()[: args.kb * 1000]
-        text.write_bytes(raw[: len(raw.decode("utf-8", "ignore").encode("utf-8"))])
+        text = calibration_text(tmp, args.kb)
         for mname in args.models.split(","):
             model = models[mname]()
             theirs, _, _ = llama_side(model, text, args.type, tmp, args, {})

@@ -74,6 +74,19 @@ def degridded_model(threads: int, seed: int = 0) -> Path:
     return dst
 
 
+def calibration_text(folder: Path, kb: int) -> Path:
+    """The first ``kb`` kB of the shipped calibration text (cut at a whole UTF-8 character) as a file."""
+    text = folder / "calib.txt"
+    raw = default_calibration_path().read_bytes()[: kb * 1000]
+    text.write_bytes(raw[: len(raw.decode("utf-8", "ignore").encode("utf-8"))])
+    return text
+
+
+def bench_models(threads: int) -> dict:
+    """The bench's two models by name, each made (once, cached) when called."""
+    return {"default": lambda: f32_model(threads), "degridded": lambda: degridded_model(threads)}
+
+
 def llama_side(model: Path, text: Path, ftype: str, tmp: Path, args, cache: dict) -> tuple[Path, float, int]:
     imat = cache.get(model)
     if imat is None:
@@ -163,13 +176,11 @@ def main() -> None:
     ap.add_argument("--autoround", help="a Python with auto-round, gguf and sentencepiece (its own venv)")
     ap.add_argument("--autoround-types", default="Q4_K_M", help="the types AutoRound makes (it is the slowest side)")
     args = ap.parse_args()
-    models = {"default": lambda: f32_model(args.threads), "degridded": lambda: degridded_model(args.threads)}
+    models = bench_models(args.threads)
     rows = []
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         tmp = Path(tmp)
-        text = tmp / "calib.txt"
-        raw = default_calibration_path().read_bytes()[: args.kb * 1000]
-        text.write_bytes(raw[: len(raw.decode("utf-8", "ignore").encode("utf-8"))])
+        text = calibration_text(tmp, args.kb)
         cache: dict = {}
         for mname in args.models.split(","):
             model = models[mname]()
