@@ -41,7 +41,7 @@ from llmquant.gguf.recipes import parse_ftype
 WIDE = np.linspace(0.5, 2.0, 151, dtype=np.float32)
 
 
-def refined(model: Path, dst: Path, ftype: str, stats, shrink: float, wide: bool) -> float:
+def refined(model: Path, dst: Path, ftype: str, stats, shrink: float, wide: bool, threads: int) -> float:
     post = R.BlockGrid.__post_init__
 
     def widened(self):
@@ -52,7 +52,7 @@ def refined(model: Path, dst: Path, ftype: str, stats, shrink: float, wide: bool
         R.BlockGrid.__post_init__ = widened
     try:
         t0 = time.perf_counter()
-        refine_model(model, dst, parse_ftype(ftype), stats=stats, shrink=shrink, threads=2, force=True)
+        refine_model(model, dst, parse_ftype(ftype), stats=stats, shrink=shrink, threads=threads, force=True)
         return time.perf_counter() - t0
     finally:
         R.BlockGrid.__post_init__ = post
@@ -93,7 +93,7 @@ def main() -> None:
                              for s in (0.0, R.DEFAULT_SHRINK)]
             for label, st, s, wide in variants:
                 dst = tmp / f"{mname}-{len(rows)}.gguf"
-                t = refined(model, dst, args.type, st, s, wide)
+                t = refined(model, dst, args.type, st, s, wide, args.threads)
                 e = evaluate(dst, model, args)
                 rows.append((mname, label, e, t))
                 print(f"    {label:44} KLD {e['kld_mean']:.5f} ± {e['kld_err']:.5f}  same-top {e['top1']:.2f}%  "
