@@ -144,14 +144,22 @@ def test_hessians_share_one_matrix_for_one_input_and_refuse_a_changed_one():
         stats.add(SimpleNamespace(name=name, op="MUL_MAT", x=x, weight_ne=(8, 8, 1, 1)))
     y = rng.standard_normal((1, 1, 32, 8)).astype(np.float32)
     stats.add(SimpleNamespace(name="blk.0.attn_output.weight", op="MUL_MAT", x=y, weight_ne=(8, 8, 1, 1)))
-    assert set(stats.hessians) == {"blk.0.attn_q.weight", "blk.0.attn_output.weight"}
-    H, _ = hessian_update(None, 0, x.reshape(-1, 8))
-    np.testing.assert_allclose(stats.get("blk.0.attn_v.weight"), H, rtol=1e-6)
-    assert stats.counts["blk.0.attn_q.weight"] == 32
+    stats.flush()
     x2 = x + 1
     stats.add(SimpleNamespace(name="blk.0.attn_q.weight", op="MUL_MAT", x=x2, weight_ne=(8, 8, 1, 1)))
     with pytest.raises(Exception, match="attn_k.*no longer"):
         stats.add(SimpleNamespace(name="blk.0.attn_k.weight", op="MUL_MAT", x=x2 * 2, weight_ne=(8, 8, 1, 1)))
+    assert set(stats.hessians) == {"blk.0.attn_q.weight", "blk.0.attn_output.weight"}
+    # the running sums over two batches, scaled once: GPTQ's add_batch H over the same rows
+    H, n = hessian_update(None, 0, x.reshape(-1, 8))
+    H, n = hessian_update(H, n, x2.reshape(-1, 8))
+    # (a float32 product per batch, summed in float64)
+    np.testing.assert_allclose(stats.get("blk.0.attn_v.weight"), H, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(stats.get("blk.0.attn_output.weight"), hessian_update(None, 0, y.reshape(-1, 8))[0],
+                               rtol=1e-6, atol=1e-6)
+    assert stats.counts["blk.0.attn_q.weight"] == 64
+    with pytest.raises(RuntimeError, match="final"):
+        stats.add(SimpleNamespace(name="blk.0.attn_output.weight", op="MUL_MAT", x=y, weight_ne=(8, 8, 1, 1)))
 
 
 @pytest.fixture(scope="module")

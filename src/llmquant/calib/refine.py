@@ -1,7 +1,7 @@
 """Calibrated refinement of GGUF tensors: better values in ordinary ggml blocks (``quantize --refine``).
 
 Pure math on numpy arrays. A tensor W (rows = output channels, columns = input channels) is encoded
-against its layer's input statistics H = 2/n·XᵀX (``gptq.hessian_update``), so that the layer output
+against its layer's input statistics H = 2/n·XᵀX (``HessianStats``), so that the layer output
 error tr(ΔHΔᵀ) is small, not each block's own weighted error as llama.cpp's imatrix encoders do:
 
 - 32-block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL): GPTQ column by column (``gptq.gptq``) on
@@ -35,7 +35,7 @@ from numba import njit
 
 from ..errors import CalibrationError
 from ..formats import _kernels as K
-from .gptq import gptq, hessian_inverse_upper, hessian_update
+from .gptq import gptq, hessian_inverse_upper
 
 QK = 32
 DEFAULT_SHRINK = 0.7  # shrink_hessian's default: measured on SmolLM2 Q4_K_M (RESULTS.md)
@@ -507,14 +507,17 @@ class HessianStats:
     """H = 2/n·XᵀX (float64) per ``blk.*`` weight, from the runtime's matmul inputs (a sink for
     ``runtime.llama.MatmulTap``). Weights fed the very same input tensor one after the other
     (attn_q/attn_k/attn_v, ffn_gate/ffn_up) share one matrix; a weight whose input later differs
-    from the one it shared is refused. Experts (MUL_MAT_ID) are not collected."""
+    from the one it shared is refused. Experts (MUL_MAT_ID) are not collected. While collecting,
+    each matrix holds the plain sum XᵀX (one add per batch, in place); ``hessians`` scales them to
+    2/n·XᵀX, once and in place, and after that no input can be added."""
 
-    hessians: dict[str, np.ndarray] = field(default_factory=dict)
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     alias: dict[str, str] = field(default_factory=dict)
     _last: tuple[str, Any] | None = None
     _fingerprint: dict[str, Any] = field(default_factory=dict)
     _pending: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    _scaled: bool = False
 
     @staticmethod
     def wants(name: str) -> bool:
@@ -523,6 +526,8 @@ class HessianStats:
     def add(self, inp: Any) -> None:
         if inp.op != "MUL_MAT":
             return
+        if self._scaled:
+            raise RuntimeError("HessianStats.add after the matrices were read: the statistics are final")
         x = np.asarray(inp.x)
         x2 = x.reshape(-1, x.shape[-1])
         fp = (x2.ctypes.data, x2.shape, x2[0, :8].tobytes(), x2[-1, -8:].tobytes())
@@ -532,13 +537,13 @@ class HessianStats:
                 raise CalibrationError(f"tensor {name!r}: its input is no longer {self.alias[name]!r}'s; "
                                        "cannot share one Hessian")
             return
-        if name not in self.hessians and self._last is not None and self._last[1] == fp:
+        if name not in self.sums and self._last is not None and self._last[1] == fp:
             self.alias[name] = self._last[0]
             return
         if not np.isfinite(x2).all():
             raise CalibrationError(f"tensor {name!r}: NaN or Inf in its input activations")
-        if name not in self.hessians:
-            self.hessians[name] = np.zeros((x2.shape[1], x2.shape[1]), np.float64)
+        if name not in self.sums:
+            self.sums[name] = np.zeros((x2.shape[1], x2.shape[1]), np.float64)
             self.counts[name] = 0
         # copied now, multiplied in ``flush`` once the runtime is idle: a BLAS product inside the eval
         # callback competes with the runtime's own worker threads for the cores
@@ -547,19 +552,29 @@ class HessianStats:
         self._fingerprint[name] = fp
 
     def flush(self) -> None:
-        """Add the inputs collected since the last flush to their matrices."""
+        """Add the inputs collected since the last flush to their sums: XᵀX in float32 (numpy's
+        syrk for ``x.T @ x``), added into the float64 sum in one pass."""
         for name, x2 in self._pending:  # in place: names sharing this matrix see it
-            _, self.counts[name] = hessian_update(self.hessians[name], self.counts[name], x2, product=np.float32)
+            np.add(self.sums[name], x2.T @ x2, out=self.sums[name])
+            self.counts[name] += x2.shape[0]
         self._pending.clear()
 
-    def get(self, name: str) -> np.ndarray | None:
-        if self._pending:
+    @property
+    def hessians(self) -> dict[str, np.ndarray]:
+        """Each collected weight's H = 2/n·XᵀX (the sums scaled in place, the first time)."""
+        if not self._scaled:
             self.flush()
+            for name, S in self.sums.items():
+                S *= 2.0 / max(self.counts[name], 1)
+            self._scaled = True
+        return self.sums
+
+    def get(self, name: str) -> np.ndarray | None:
         return self.hessians.get(self.alias.get(name, name))
 
     @property
     def nbytes(self) -> int:
-        return sum(h.nbytes for h in self.hessians.values())
+        return sum(h.nbytes for h in self.sums.values())
 
 
 @dataclass
