@@ -1,11 +1,11 @@
 """What each lever of ``quantize --refine`` gives end to end: one set of statistics, many variants.
 
-    python bench/refine_ablation.py [--type Q4_K_M] [--models default,degridded] [--kb 64] [--chunks 32]
+    python bench/refine_ablation.py [--types Q4_K_M,Q4_0] [--models default,degridded] [--kb 64] [--chunks 32]
                                     [--shrinks 0,0.5,0.7,0.85,1] [--wide] [--quantized-inputs]
 
 For each model the layer statistics (XᵀX of every ``blk.*`` matmul input) are collected once over
 the first --kb kB of the shipped calibration text (--chunks x 512 tokens, as refine_quality.py), then
-the model is refined to --type once per variant and each file evaluated with ``llmquant eval``
+the model is refined to each of --types once per variant and each file evaluated with ``llmquant eval``
 (llama-perplexity's numbers) on data/eval.txt against the model's own F32 file:
 
 - ``--shrinks``: how far each XᵀX is pulled toward its diagonal before error feedback
@@ -13,7 +13,7 @@ the model is refined to --type once per variant and each file evaluated with ``l
   block's scale search weighted by E[x²] alone, as AutoRound's opt-RTN and llama.cpp do);
 - ``--wide``: also each shrink with the 32-block scale search over 0.5 … 2.0 x the plain scale instead
   of 0.55 … 1.25;
-- ``--quantized-inputs``: also the statistics collected from llama.cpp's own imatrix quant of --type
+- ``--quantized-inputs``: also the statistics collected from llama.cpp's own imatrix quant of each type
   (the inputs a layer sees once the layers before it are quantized), shrink 0 and the default.
 
 The refined quantization's own seconds are printed beside each row (statistics excluded).
@@ -60,7 +60,7 @@ def refined(model: Path, dst: Path, ftype: str, stats, shrink: float, wide: bool
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--type", default="Q4_K_M")
+    ap.add_argument("--types", default="Q4_K_M", help="comma-separated ftypes, all from one set of statistics")
     ap.add_argument("--models", default="default,degridded")
     ap.add_argument("--kb", type=int, default=64)
     ap.add_argument("--chunks", type=int, default=32)
@@ -75,37 +75,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         tmp = Path(tmp)
         text = calibration_text(tmp, args.kb)
+        imatrices: dict = {}
         for mname in args.models.split(","):
             model = models[mname]()
-            theirs, _, _ = llama_side(model, text, args.type, tmp, args, {})
-            e = evaluate(theirs, model, args)
-            rows.append((mname, "llama.cpp imatrix", e, None))
             t0 = time.perf_counter()
             stats = collect_hessians(model, text, chunks=args.chunks, threads=args.threads)
-            print(f"{mname}: statistics {time.perf_counter() - t0:.0f} s; llama.cpp imatrix KLD {e['kld_mean']:.5f}",
-                  flush=True)
-            variants = [(f"shrink {s:g}", stats, s, False) for s in shrinks]
-            if args.wide:
-                variants += [(f"shrink {s:g}, scales 0.5-2.0", stats, s, True) for s in shrinks]
-            if args.quantized_inputs:
-                qstats = collect_hessians(theirs, text, chunks=args.chunks, threads=args.threads)
-                variants += [(f"shrink {s:g}, inputs of llama.cpp's {args.type}", qstats, s, False)
-                             for s in (0.0, R.DEFAULT_SHRINK)]
-            for label, st, s, wide in variants:
-                dst = tmp / f"{mname}-{len(rows)}.gguf"
-                t = refined(model, dst, args.type, st, s, wide, args.threads)
-                e = evaluate(dst, model, args)
-                rows.append((mname, label, e, t))
-                print(f"    {label:44} KLD {e['kld_mean']:.5f} ± {e['kld_err']:.5f}  same-top {e['top1']:.2f}%  "
-                      f"PPL {e['ppl']:.4f}  {t:.0f} s", flush=True)
-                dst.unlink()
-    print(f"\n| model | {args.type} variant | mean KLD | same-top | PPL | refine s |")
-    print("|---|---|---|---|---|---|")
-    for mname, label, e, t in rows:
-        print(f"| {mname} | {label} | {e['kld_mean']:.5f} ± {e['kld_err']:.5f} | {e['top1']:.2f}% | {e['ppl']:.4f} "
-              f"| {'' if t is None else f'{t:.0f}'} |")
-    print(json.dumps([{"model": m, "variant": v, "kld": e["kld_mean"], "top1": e["top1"], "ppl": e["ppl"]}
-                      for m, v, e, _ in rows]))
+            print(f"{mname}: statistics {time.perf_counter() - t0:.0f} s", flush=True)
+            for ftype in args.types.split(","):
+                theirs, _, _ = llama_side(model, text, ftype, tmp, args, imatrices)
+                e = evaluate(theirs, model, args)
+                rows.append((mname, ftype, "llama.cpp imatrix", e, None))
+                print(f"  {ftype}: llama.cpp imatrix KLD {e['kld_mean']:.5f}", flush=True)
+                variants = [(f"shrink {s:g}", stats, s, False) for s in shrinks]
+                if args.wide:
+                    variants += [(f"shrink {s:g}, scales 0.5-2.0", stats, s, True) for s in shrinks]
+                if args.quantized_inputs:
+                    qstats = collect_hessians(theirs, text, chunks=args.chunks, threads=args.threads)
+                    variants += [(f"shrink {s:g}, inputs of llama.cpp's {ftype}", qstats, s, False)
+                                 for s in (0.0, R.DEFAULT_SHRINK)]
+                for label, st, s, wide in variants:
+                    dst = tmp / f"{mname}-{len(rows)}.gguf"
+                    t = refined(model, dst, ftype, st, s, wide, args.threads)
+                    e = evaluate(dst, model, args)
+                    rows.append((mname, ftype, label, e, t))
+                    print(f"    {label:44} KLD {e['kld_mean']:.5f} ± {e['kld_err']:.5f}  same-top {e['top1']:.2f}%  "
+                          f"PPL {e['ppl']:.4f}  {t:.0f} s", flush=True)
+                    dst.unlink()
+                theirs.unlink()
+    print("\n| model | type | variant | mean KLD | same-top | PPL | refine s |")
+    print("|---|---|---|---|---|---|---|")
+    for mname, ftype, label, e, t in rows:
+        print(f"| {mname} | {ftype} | {label} | {e['kld_mean']:.5f} ± {e['kld_err']:.5f} | {e['top1']:.2f}% "
+              f"| {e['ppl']:.4f} | {'' if t is None else f'{t:.0f}'} |")
+    print(json.dumps([{"model": m, "type": f, "variant": v, "kld": e["kld_mean"], "top1": e["top1"], "ppl": e["ppl"]}
+                      for m, f, v, e, _ in rows]))
 
 
 if __name__ == "__main__":
