@@ -517,6 +517,7 @@ class HessianStats:
     _last: tuple[str, Any] | None = None
     _fingerprint: dict[str, Any] = field(default_factory=dict)
     _pending: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    _free: dict[tuple[int, int], list[np.ndarray]] = field(default_factory=dict)
     _scaled: bool = False
 
     @staticmethod
@@ -546,8 +547,12 @@ class HessianStats:
             self.sums[name] = np.zeros((x2.shape[1], x2.shape[1]), np.float64)
             self.counts[name] = 0
         # copied now, multiplied in ``flush`` once the runtime is idle: a BLAS product inside the eval
-        # callback competes with the runtime's own worker threads for the cores
-        self._pending.append((name, x2.copy()))
+        # callback competes with the runtime's own worker threads for the cores. The copies go into
+        # buffers kept from the last flush: fresh ones would page-fault every decode (~9 s of 70 s)
+        free = self._free.get(x2.shape)
+        buf = free.pop() if free else np.empty(x2.shape, np.float32)
+        np.copyto(buf, x2)
+        self._pending.append((name, buf))
         self._last = (name, fp)
         self._fingerprint[name] = fp
 
@@ -557,6 +562,7 @@ class HessianStats:
         for name, x2 in self._pending:  # in place: names sharing this matrix see it
             np.add(self.sums[name], x2.T @ x2, out=self.sums[name])
             self.counts[name] += x2.shape[0]
+            self._free.setdefault(x2.shape, []).append(x2)
         self._pending.clear()
 
     @property
@@ -567,6 +573,7 @@ class HessianStats:
             for name, S in self.sums.items():
                 S *= 2.0 / max(self.counts[name], 1)
             self._scaled = True
+            self._free.clear()
         return self.sums
 
     def get(self, name: str) -> np.ndarray | None:
@@ -591,6 +598,9 @@ class TensorReport:
         return dict(self.__dict__)
 
 
+_HINV_KEPT = 4  # factorised Hessians a Refiner keeps: a decoder layer's four distinct inputs
+
+
 @dataclass
 class Refiner:
     """What ``quantize_model(refine=...)`` calls per tensor: refined bytes for a tensor with a
@@ -604,8 +614,9 @@ class Refiner:
     shrink: float = DEFAULT_SHRINK
     reports: list[TensorReport] = field(default_factory=list)
     on_tensor: Callable[[TensorReport], None] | None = None
-    # the last H's (id, shrunk H, (U, damp)): q/k/v and gate/up share one
-    _hinv: tuple[int, np.ndarray, tuple[np.ndarray, float]] | None = None
+    # the shrunk H and (U, damp) of this layer's last few Hessians by id: q/k/v and gate/up share
+    # one, and llama.cpp's tensor order (attn_k, attn_output, attn_q, attn_v, ...) interleaves them
+    _hinv: dict[int, tuple[np.ndarray, tuple[np.ndarray, float]]] = field(default_factory=dict)
 
     def importance(self, name: str) -> np.ndarray | None:
         """E[x²] per input column (llama-imatrix's importance) from the Hessian."""
@@ -620,11 +631,14 @@ class Refiner:
             return None
         t0 = time.perf_counter()
         encode, decode = self.encoders(qtype)
-        if self._hinv is None or self._hinv[0] != id(H):
+        cached = self._hinv.get(id(H))
+        if cached is None:
             Hs = shrink_hessian(H, self.shrink)
-            self._hinv = (id(H), Hs, hessian_inverse_upper(Hs, self.damp))
-        r = refine_tensor(rows, self._hinv[1], qtype, encode, decode, damp=self.damp, weighting=self.weighting,
-                          plain=plain, hinv=self._hinv[2])
+            cached = self._hinv[id(H)] = (Hs, hessian_inverse_upper(Hs, self.damp))
+            while len(self._hinv) > _HINV_KEPT:
+                del self._hinv[next(iter(self._hinv))]
+        r = refine_tensor(rows, cached[0], qtype, encode, decode, damp=self.damp, weighting=self.weighting,
+                          plain=plain, hinv=cached[1])
         rep = TensorReport(name, qtype.name, r.method, r.kept, round(r.gain, 4), round(r.feedback_ratio, 4),
                            round(time.perf_counter() - t0, 3))
         self.reports.append(rep)

@@ -861,6 +861,11 @@ class MatmulTap:
         self._checked = False
         self._names: dict[int, tuple[str, bool]] = {}
         self._decodes = 0
+        # the graph's last observed matmul, (how many observed up to it, its weight), from the first
+        # evaluation: later ones stop there; nothing after it (the output norm, the vocabulary-wide
+        # output matmul, ~20 % of a small model's work) is ever observed, and the logits are not read
+        self._handled, self._last_name = 0, ""
+        self._stop_at: tuple[int, str] | None = None
 
         lib = ggml()
         lib.ggml_op_name.restype = ctypes.c_char_p
@@ -974,12 +979,15 @@ class MatmulTap:
                 k += size
             b.n_tokens = k
             self._decodes += 1  # one micro-batch, one graph evaluation
+            self._handled = 0
             status = llama_cpp.llama_decode(self._ctx, b)
             if self._error is not None:
                 err, self._error = self._error, None
                 raise err
             if status != 0:
                 raise ModelFileError(self.path, f"llama_decode failed with status {status}")
+            if self._stop_at is None and self._handled:
+                self._stop_at = (self._handled, self._last_name)
 
     def _on_tensor(self, t_addr, ask, user_data) -> bool:
         if self._error is not None:
@@ -1014,11 +1022,14 @@ class MatmulTap:
         if op == self._op_mul_mat:
             source = (self._decodes << 48) | int(t.src[1])  # the node, in this decode's graph
             self.sink(MatmulInput(name, "MUL_MAT", x, wne, source=source))  # type: ignore[arg-type]
-            return True
-        ids_t = T.from_address(t.src[2])
-        ids = self._view(t.src[2], ids_t, np.int32)[0, 0]  # (n_tokens, n_expert_used)
-        self.sink(MatmulInput(name, "MUL_MAT_ID", x, wne, ids))  # type: ignore[arg-type]
-        return True
+        else:
+            ids_t = T.from_address(t.src[2])
+            ids = self._view(t.src[2], ids_t, np.int32)[0, 0]  # (n_tokens, n_expert_used)
+            self.sink(MatmulInput(name, "MUL_MAT_ID", x, wne, ids))  # type: ignore[arg-type]
+        self._handled += 1
+        self._last_name = name
+        # False ends this graph evaluation here (ggml_backend_sched_compute_splits)
+        return self._stop_at != (self._handled, name)
 
     def _view(self, addr: int, t, dtype) -> np.ndarray:
         """A numpy view (ne3, ne2, ne1, ne0) of a host tensor; a copy for a device buffer."""
