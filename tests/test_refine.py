@@ -277,3 +277,33 @@ def test_cli_refine_json_verbose_and_bad_options(tiny_vocab_model, tmp_path):
         assert p.returncode != 0 and "Traceback" not in p.stderr
         assert needle in p.stderr.strip().splitlines()[-1]
         assert not (tmp_path / "x.gguf").exists()
+
+
+def test_refine_on_two_threads_writes_the_same_bytes_and_a_failure_leaves_nothing(tiny_vocab_model, tmp_path):
+    """Tensors are refined two at a time on two threads: the file is byte for byte the one-thread
+    file; a tensor that fails (NaN in the source) stops the run with its name and no output file."""
+    import shutil
+
+    from gguf import GGUFReader
+
+    from llmquant.calibrate import collect_hessians, refine_model
+    from llmquant.errors import TensorDataError
+    from llmquant.gguf.recipes import parse_ftype
+
+    stats = collect_hessians(tiny_vocab_model, chunks=4, n_ctx=256)
+    one, two = tmp_path / "one.gguf", tmp_path / "two.gguf"
+    refine_model(tiny_vocab_model, one, parse_ftype("Q4_K_M"), stats=stats, threads=1)
+    refine_model(tiny_vocab_model, two, parse_ftype("Q4_K_M"), stats=stats, threads=2)
+    assert one.read_bytes() == two.read_bytes()
+
+    bad = tmp_path / "nan.gguf"
+    shutil.copy(tiny_vocab_model, bad)
+    offset = next(t.data_offset for t in GGUFReader(bad).tensors if t.name == "blk.1.ffn_up.weight")
+    with open(bad, "r+b") as f:
+        f.seek(offset + 4 * 5)
+        f.write(np.float32("nan").tobytes())
+    out = tmp_path / "out" / "nan-Q4_K_M.gguf"
+    out.parent.mkdir()
+    with pytest.raises(TensorDataError, match="blk.1.ffn_up.weight.*NaN"):
+        refine_model(bad, out, parse_ftype("Q4_K_M"), stats=stats, threads=2)
+    assert list(out.parent.iterdir()) == []

@@ -348,7 +348,8 @@ def refine_model(
     result = quantize_model(src, dst, ftype, options=options, importance=importance, metadata=metadata,
                             threads=threads or 1, force=force, progress=progress, refine=refiner,
                             split_max_size=split_max_size)
-    reports = refiner.reports
+    order = {p.name: i for i, p in enumerate(result.plans)}
+    reports = sorted(refiner.reports, key=lambda r: order.get(r.name, len(order)))  # refined two at a time
     result.seconds = time.perf_counter() - t0
     result.refine = {
         "settings": settings, "calibration_tokens": n_tokens, "statistics_seconds": round(t_stats, 2),

@@ -26,6 +26,7 @@ layer: Σ 1/U_jj² / Σ H_jj (1: nothing; small: a lot).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -617,6 +618,10 @@ class Refiner:
     # the shrunk H and (U, damp) of this layer's last few Hessians by id: q/k/v and gate/up share
     # one, and llama.cpp's tensor order (attn_k, attn_output, attn_q, attn_v, ...) interleaves them
     _hinv: dict[int, tuple[np.ndarray, tuple[np.ndarray, float]]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self):
+        self.stats.hessians  # scaled now, once, before any thread reads them  # noqa: B018
 
     def importance(self, name: str) -> np.ndarray | None:
         """E[x²] per input column (llama-imatrix's importance) from the Hessian."""
@@ -631,17 +636,19 @@ class Refiner:
             return None
         t0 = time.perf_counter()
         encode, decode = self.encoders(qtype)
-        cached = self._hinv.get(id(H))
-        if cached is None:
-            Hs = shrink_hessian(H, self.shrink)
-            cached = self._hinv[id(H)] = (Hs, hessian_inverse_upper(Hs, self.damp))
-            while len(self._hinv) > _HINV_KEPT:
-                del self._hinv[next(iter(self._hinv))]
+        with self._lock:  # tensors are refined on several threads (quantize._refined_tensors)
+            cached = self._hinv.get(id(H))
+            if cached is None:
+                Hs = shrink_hessian(H, self.shrink)
+                cached = self._hinv[id(H)] = (Hs, hessian_inverse_upper(Hs, self.damp))
+                while len(self._hinv) > _HINV_KEPT:
+                    del self._hinv[next(iter(self._hinv))]
         r = refine_tensor(rows, cached[0], qtype, encode, decode, damp=self.damp, weighting=self.weighting,
                           plain=plain, hinv=cached[1])
         rep = TensorReport(name, qtype.name, r.method, r.kept, round(r.gain, 4), round(r.feedback_ratio, 4),
                            round(time.perf_counter() - t0, 3))
-        self.reports.append(rep)
-        if self.on_tensor:
-            self.on_tensor(rep)
+        with self._lock:
+            self.reports.append(rep)
+            if self.on_tensor:
+                self.on_tensor(rep)
         return r.data
