@@ -341,6 +341,8 @@ def _refined_tensors(
     per-block scale search), so at most ``threads`` tensors' float32 copies exist at once; finished
     ones wait, as bytes, for the ones before them."""
 
+    from threadpoolctl import threadpool_limits
+
     def job(plan: TensorPlan) -> np.ndarray | None:
         rows = _source_values(src, plan)
         if rows is None:
@@ -349,17 +351,15 @@ def _refined_tensors(
         better = refine(plan.name, plan.type, rows, plain)
         return plain if better is None else better
 
-    from threadpoolctl import threadpool_limits
-
+    n = max(threads, 1)
     ahead: deque[tuple[TensorPlan, Future]] = deque()
     # one BLAS thread per worker: OpenBLAS's own threads, spinning beside the other worker's scale
     # search, cost 25 % of the refine's time on 2 cores (57 s against 44 s for SmolLM2-135M Q4_K_M)
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=max(threads, 1)) as workers:
-        queue = iter(plans)
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=n) as workers:
         try:
-            for plan in queue:
+            for plan in plans:
                 ahead.append((plan, workers.submit(job, plan)))
-                if len(ahead) < 2 * max(threads, 1):  # a worker never waits for the oldest job's end
+                if len(ahead) < 2 * n:  # a worker never waits for the oldest job's end
                     continue
                 yield from _done(src, *ahead.popleft())
             while ahead:
