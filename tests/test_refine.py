@@ -200,7 +200,8 @@ def test_refined_file_is_llama_cpp_layout_valid_ggml_and_runs(tiny_vocab_model, 
             H = stats.get(t.name)
             if H is not None and t.type != T.F32:
                 W = src.read(t.name).reshape(-1, t.shape[0])
-                e_ours = R.output_error(W - mine.reshape(W.shape), H)
+                mine = result.folded.unfold(t.name, mine.reshape(W.shape))  # back to the source's space
+                e_ours = R.output_error(W - mine, H)
                 e_theirs = R.output_error(W - b.read(t.name).reshape(W.shape), H)
                 assert e_ours <= e_theirs * 1.0001, t.name
                 better += e_ours < e_theirs
@@ -271,8 +272,15 @@ def test_cli_refine_json_verbose_and_bad_options(tiny_vocab_model, tmp_path):
     p = cli("quantize", tiny_vocab_model, tmp_path / "v.gguf", "Q4_0", "--refine", "--calib", text, "--verbose")
     assert p.returncode == 0, p.stderr
     assert "feedback ratio" in p.stdout and "blk.1.ffn_down.weight Q4_0" in p.stdout
+    assert "scales folded into blk.1.attn_norm.weight: alpha" in p.stdout
+    assert res["refine"]["folds"] and "folds=0" not in res["refine"]["settings"]
+    p = cli("quantize", tiny_vocab_model, tmp_path / "n.gguf", "Q4_K_M", "--refine", "--calib", text, "--no-fold",
+            "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["refine"]["folds"] == []
     for args, needle in (((tmp_path / "x.gguf", "Q4_0", "--refine", "--imatrix", "auto"), "--imatrix"),
-                         ((tmp_path / "x.gguf", "Q4_0", "--calib", text), "--calib")):
+                         ((tmp_path / "x.gguf", "Q4_0", "--calib", text), "--calib"),
+                         ((tmp_path / "x.gguf", "Q4_0", "--no-fold"), "--no-fold")):
         p = cli("quantize", tiny_vocab_model, *args)
         assert p.returncode != 0 and "Traceback" not in p.stderr
         assert needle in p.stderr.strip().splitlines()[-1]
@@ -307,3 +315,78 @@ def test_refine_on_two_threads_writes_the_same_bytes_and_a_failure_leaves_nothin
     with pytest.raises(TensorDataError, match="blk.1.ffn_up.weight.*NaN"):
         refine_model(bad, out, parse_ftype("Q4_K_M"), stats=stats, threads=2)
     assert list(out.parent.iterdir()) == []
+
+
+def test_fold_scale_picks_loud_channels_and_ties_v_rows_to_their_q_heads():
+    """On inputs with loud channels the α search scales them up (s rises with rms(x)), the folded
+    plain encoding's layer-output error is below the unfolded one's, and a v -> o scale is one
+    value per v row repeated over the q heads that share the kv head."""
+    from llmquant.calib.fold import expand, fold_scale
+
+    W, H = _layer(rows=64, cols=256, seed=3)
+    s, alpha, e0, e = fold_scale([(W, *_codec(T.Q4_0))], H, shrink=0.7)
+    assert alpha > 0 and e < e0 * 0.95, (alpha, e0, e)
+    rms = np.sqrt(np.diag(H) / 2)
+    assert np.corrcoef(np.log(s), np.log(rms))[0, 1] > 0.99
+    s, alpha, _, _ = fold_scale([(W, *_codec(T.Q5_0))], H, shrink=0.7, tie=(2, 2, 64))
+    assert s.shape == (128,)
+    cols = expand(s, (2, 2, 64))
+    np.testing.assert_array_equal(cols.reshape(2, 2, 64)[:, 0], s.reshape(2, 64))
+    np.testing.assert_array_equal(cols.reshape(2, 2, 64)[:, 1], s.reshape(2, 64))
+
+
+def _logits(path, tokens):
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(tokens)
+    out = np.array(llm.scores[: len(tokens)], np.float64)
+    llm.close()
+    return out
+
+
+def test_folded_scales_leave_the_float_model_s_output_unchanged_in_llama_cpp(tiny_vocab_model, tmp_path):
+    """The scales chosen for a Q4_0 refine, folded into an F32 copy of the model (norms divided,
+    q/k/v, gate/up, down and, under grouped-query attention, o columns multiplied, up and v rows
+    divided), give llama.cpp's logits of the source; folding the columns without the rows does not."""
+    from gguf import GGMLQuantizationType as GT
+
+    from llmquant.calibrate import codec, collect_hessians, fold_scales
+    from llmquant.gguf.recipes import RecipeOptions, parse_ftype
+    from llmquant.gguf.source import GGUFSource
+    from llmquant.gguf.writer import AtomicGGUFWriter
+
+    stats = collect_hessians(tiny_vocab_model, chunks=4, n_ctx=256)
+    folded = fold_scales(tiny_vocab_model, parse_ftype("Q4_0"), RecipeOptions(has_imatrix=True), stats, codec,
+                         shrink=0.7)
+    kinds = {r["prev"].split(".")[2] for r in folded.report if r["alpha"] > 0}
+    assert {"attn_norm", "ffn_norm", "ffn_up", "attn_v"} <= kinds, folded.report
+
+    def write(dst, rows_too: bool):
+        with GGUFSource(tiny_vocab_model) as src:
+            w = AtomicGGUFWriter(dst, src.arch, force=True, alignment=src.header.alignment)
+            for f in src.fields.values():
+                w.add_field(f)
+            for t in src.tensors:
+                w.add_tensor_info(t.name, t.shape, GT.F32)
+            w.start()
+            for t in src.tensors:
+                v = np.asarray(src.read(t.name), np.float32)
+                if rows_too:
+                    v = folded.apply(t.name, v)
+                elif t.name in folded.columns:
+                    v = v * folded.columns[t.name][None, :]
+                w.write_tensor(t.name, np.ascontiguousarray(v, np.float32).reshape(-1))
+            w.commit()
+
+    good, bad = tmp_path / "folded.gguf", tmp_path / "columns-only.gguf"
+    write(good, True)
+    write(bad, False)
+    from llama_cpp import Llama
+
+    tokens = Llama(str(tiny_vocab_model), vocab_only=True, verbose=False).tokenize(
+        b"The quick brown fox jumps over the lazy dog, and then it runs far away into the woods.")
+    base = _logits(tiny_vocab_model, tokens)
+    scale = np.abs(base).max()
+    assert np.abs(_logits(good, tokens) - base).max() < 1e-3 * scale
+    assert np.abs(_logits(bad, tokens) - base).max() > 1e-2 * scale

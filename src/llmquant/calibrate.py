@@ -282,6 +282,47 @@ def collect_hessians(
     return stats
 
 
+def codec(qtype):
+    """(encode(rows, importance) -> bytes, decode(bytes, shape) -> values) of a ggml type (``formats``)."""
+    from .formats import get_format
+
+    fmt = get_format(qtype)
+    return (lambda w, imp: fmt.quantize(w, imp)), (lambda b, shape: fmt.dequantize(b, shape))
+
+
+def fold_scales(src: str | Path, ftype, options, stats, codec, *, shrink: float, threads: int = 1):
+    """``calib.fold.search_folds`` over ``src`` for the types llama.cpp's mixture gives ``ftype``:
+    the layers searched ``threads`` at a time (one BLAS thread each). None for an architecture
+    without folds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from threadpoolctl import threadpool_limits
+
+    from .calib.fold import FOLDS, search_folds
+    from .calib.refine import REFINABLE
+    from .gguf.source import GGUFSource
+    from .quantize import quantize_model
+
+    with GGUFSource(src) as s:
+        if s.arch not in FOLDS:
+            return None
+        plans = quantize_model(src, None, ftype, options=options, threads=1, force=True, dry_run=True).plans
+        codecs = {p.name: codec(p.type) for p in plans if p.type in REFINABLE}
+        names = {t.name for t in s.tensors}
+        n_layer = int(s.get(f"{s.arch}.block_count") or 0)
+        n_head, n_kv = s.get(f"{s.arch}.attention.head_count"), s.get(f"{s.arch}.attention.head_count_kv")
+        heads = (int(n_head), int(n_kv or n_head)) if isinstance(n_head, int) and isinstance(n_kv or n_head, int) else None
+
+        def read(name: str):
+            return np.asarray(s.read(name), np.float32)
+
+        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=max(threads, 1)) as pool:
+            return search_folds(s.arch, n_layer, read, codecs, stats.get, shrink=shrink, heads=heads,
+                                has=names.__contains__, map_layers=pool.map)
+
+
 def refine_model(
     src: str | Path,
     dst: str | Path | None,
@@ -302,12 +343,16 @@ def refine_model(
     on_tensor=None,
     split_max_size: int = 0,
     stats=None,
+    fold: bool = True,
 ):
     """``quantize --refine``: llama.cpp's per-tensor types for ``ftype`` (as with an imatrix), each
     refinable tensor encoded against its layer's XᵀX over the calibration text (calib.refine).
     ``stats``: HessianStats already collected (``collect_hessians``) for this model and text.
     ``shrink``: how far each XᵀX is pulled toward its diagonal before error feedback
     (``calib.refine.shrink_hessian``; None: ``DEFAULT_SHRINK``).
+    ``fold``: first choose AWQ-style per-channel scales per decoder layer and fold them into the
+    norms and matrices before (``calib.fold``; same tensors, types and bytes, the float model's
+    function unchanged); architectures without a mapping in ``calib.fold.FOLDS`` are not folded.
     Returns the QuantizeResult, its ``refine`` dict filled in."""
     import time
     from dataclasses import replace
@@ -315,7 +360,6 @@ def refine_model(
     from gguf import GGUFValueType
 
     from .calib.refine import DEFAULT_SHRINK, Refiner
-    from .formats import get_format
     from .gguf.recipes import RecipeOptions
     from .quantize import quantize_model
 
@@ -335,24 +379,30 @@ def refine_model(
         stats = collect_hessians(src, text_path, n_ctx=n_ctx, chunks=chunks, threads=threads, progress=chunk_progress)
     t_stats = time.perf_counter() - t0
 
-    def codec(qtype):
-        fmt = get_format(qtype)
-        return (lambda w, imp: fmt.quantize(w, imp)), (lambda b, shape: fmt.dequantize(b, shape))
-
     shrink = DEFAULT_SHRINK if shrink is None else shrink
-    refiner = Refiner(stats, codec, damp=damp, weighting=weighting, shrink=shrink, on_tensor=on_tensor)
+    t1 = time.perf_counter()
+    folded = (fold_scales(src, ftype, options, stats, codec, shrink=shrink, threads=threads or 1)
+              if fold else None)
+    t_fold = time.perf_counter() - t1
+    refiner = Refiner(stats, codec, damp=damp, weighting=weighting, shrink=shrink, on_tensor=on_tensor,
+                      folded=folded)
     importance = {n: refiner.importance(n) for n in [*stats.hessians, *stats.alias]}
     n_tokens = max(stats.counts.values())
-    settings = f"gptq damp={damp} shrink={shrink} weighting={weighting} tokens={n_tokens} ctx={n_ctx} text={text_path.name}"
+    n_folds = sum(r["alpha"] > 0 for r in folded.report) if folded is not None else 0
+    settings = (f"gptq damp={damp} shrink={shrink} weighting={weighting} folds={n_folds} tokens={n_tokens} "
+                f"ctx={n_ctx} text={text_path.name}")
     metadata = {"llmquant.refine": (settings, GGUFValueType.STRING)}
     result = quantize_model(src, dst, ftype, options=options, importance=importance, metadata=metadata,
                             threads=threads or 1, force=force, progress=progress, refine=refiner,
-                            split_max_size=split_max_size)
+                            split_max_size=split_max_size, fold=folded)
+    result.folded = folded
     order = {p.name: i for i, p in enumerate(result.plans)}
     reports = sorted(refiner.reports, key=lambda r: order.get(r.name, len(order)))  # refined two at a time
     result.seconds = time.perf_counter() - t0
     result.refine = {
         "settings": settings, "calibration_tokens": n_tokens, "statistics_seconds": round(t_stats, 2),
+        "fold_seconds": round(t_fold, 2),
+        "folds": folded.report if folded is not None else [],
         "hessian_bytes": stats.nbytes, "tensors_refined": sum(r.kept for r in reports),
         "tensors_kept_plain": sum(not r.kept for r in reports),
         "tensors": [r.to_dict() for r in reports],

@@ -62,6 +62,7 @@ class QuantizeResult:
     notes: list[str] = field(default_factory=list)
     importance_tensors: list[str] = field(default_factory=list)  # quantized with importance weights
     refine: dict | None = None  # quantize --refine: settings and per-tensor diagnostics
+    folded: Any = field(default=None, repr=False)  # quantize --refine: the calib.fold.FoldedScales used
 
     @property
     def bits_per_weight(self) -> float:
@@ -128,11 +129,13 @@ def quantize_model(
     progress: ProgressFn | None = None,
     split_max_size: int = 0,
     refine: RefineFn | None = None,
+    fold=None,
 ) -> QuantizeResult:
     """Quantize the GGUF at ``src_path`` to ``ftype`` and write ``dst_path`` atomically.
 
     ``refine(name, type, rows, plain_bytes) -> bytes | None`` (``calib.refine.Refiner``) may replace
-    a tensor's plain encoding by a calibrated one of the same type and size.
+    a tensor's plain encoding by a calibrated one of the same type and size; ``fold``
+    (``calib.fold.FoldedScales``, with ``refine`` only) rescales the tensors it names before that.
 
     ``split_max_size`` (bytes, > 0): llama.cpp's split files ``DST-00001-of-0000N.gguf`` with at
     most that many tensor bytes each (gguf-split --split-max-size); ``destination`` is the first.
@@ -186,7 +189,7 @@ def quantize_model(
                              split_max_size=split_max_size) as writer:
             writer.start()
             tensors = (_quantized_tensors(src, plans, weights, threads) if refine is None
-                       else _refined_tensors(src, plans, weights, threads, refine))
+                       else _refined_tensors(src, plans, weights, threads, refine, fold))
             for i, (p, data) in enumerate(zip(plans, tensors)):
                 if progress:
                     progress(i, len(plans), p)
@@ -283,9 +286,9 @@ def _prepare_writer(
     return writer
 
 
-def _source_values(src: GGUFSource, plan: TensorPlan) -> np.ndarray | None:
-    """The float32 rows to quantize (None: the stored bytes are copied as they are)."""
-    if plan.type == plan.src_type:
+def _source_values(src: GGUFSource, plan: TensorPlan, *, always: bool = False) -> np.ndarray | None:
+    """The float32 rows to quantize (None: the stored bytes are copied as they are, unless ``always``)."""
+    if plan.type == plan.src_type and not always:
         return None
     values = src.read(plan.name)  # a copy: the mapped pages are not needed any more
     src.release(plan.name)
@@ -334,19 +337,23 @@ def _plain(plan: TensorPlan, rows: np.ndarray, importance: Mapping[str, np.ndarr
 
 def _refined_tensors(
     src: GGUFSource, plans: list[TensorPlan], importance: Mapping[str, np.ndarray], threads: int,
-    refine: RefineFn,
+    refine: RefineFn, fold=None,
 ) -> Iterator[np.ndarray]:
     """quantize --refine's tensors in order: each one read, plainly encoded and refined on one of
     ``threads`` workers, that many tensors at a time (a refinement is mostly one thread's work: its
     per-block scale search), so at most ``threads`` tensors' float32 copies exist at once; finished
-    ones wait, as bytes, for the ones before them."""
+    ones wait, as bytes, for the ones before them. A tensor ``fold`` touches is read, rescaled
+    (``FoldedScales.apply``) and encoded even where its type does not change (a norm stays F32)."""
 
     from threadpoolctl import threadpool_limits
 
     def job(plan: TensorPlan) -> np.ndarray | None:
-        rows = _source_values(src, plan)
+        folded = fold is not None and fold.touches(plan.name)
+        rows = _source_values(src, plan, always=folded)
         if rows is None:
             return None
+        if folded:
+            rows = fold.apply(plan.name, rows)
         plain = _plain(plan, rows, importance, 1, None)
         better = refine(plan.name, plan.type, rows, plain)
         return plain if better is None else better

@@ -20,7 +20,9 @@ spans, which halves the layer-output error on the calibration text and yet raise
 on SmolLM2 (0.91x of llama.cpp's imatrix quant with the full H, 0.61x shrunk). Each refined tensor is
 kept only if its layer-output error under that H is below that of the plain imatrix encoding of the
 same tensor (``Refined.kept``), so refinement never makes a tensor worse on the objective it
-optimises. ``feedback_ratio`` is the diagnostic of how much error feedback can help a
+optimises. Before any of this ``calib.fold`` may fold AWQ-style per-channel scales into the
+weights (``Refiner.folded``): the Refiner then sees the folded weights and uses H/(s sᵀ), the
+statistics of the folded inputs. ``feedback_ratio`` is the diagnostic of how much error feedback can help a
 layer: Σ 1/U_jj² / Σ H_jj (1: nothing; small: a lot).
 """
 
@@ -615,6 +617,7 @@ class Refiner:
     shrink: float = DEFAULT_SHRINK
     reports: list[TensorReport] = field(default_factory=list)
     on_tensor: Callable[[TensorReport], None] | None = None
+    folded: Any = None  # calib.fold.FoldedScales: the weights come folded, their inputs' H is H/(s sᵀ)
     # the shrunk H and (U, damp) of this layer's last few Hessians by id: q/k/v and gate/up share
     # one, and llama.cpp's tensor order (attn_k, attn_output, attn_q, attn_v, ...) interleaves them
     _hinv: dict[int, tuple[np.ndarray, tuple[np.ndarray, float]]] = field(default_factory=dict)
@@ -626,7 +629,11 @@ class Refiner:
     def importance(self, name: str) -> np.ndarray | None:
         """E[x²] per input column (llama-imatrix's importance) from the Hessian."""
         H = self.stats.get(name)
-        return None if H is None else (np.diag(H) / 2).astype(np.float32)
+        if H is None:
+            return None
+        c = self.folded.hessian_scale(name) if self.folded is not None else None
+        imp = np.diag(H) / 2
+        return (imp if c is None else imp / c.astype(np.float64) ** 2).astype(np.float32)
 
     def __call__(self, name: str, qtype: T, rows: np.ndarray, plain: np.ndarray | None = None) -> np.ndarray | None:
         import time
@@ -640,6 +647,10 @@ class Refiner:
             cached = self._hinv.get(id(H))
             if cached is None:
                 Hs = shrink_hessian(H, self.shrink)
+                c = self.folded.hessian_scale(name) if self.folded is not None else None
+                if c is not None:  # the tensors sharing H are one fold's linears: one column scale
+                    c = c.astype(np.float64)
+                    Hs = Hs / np.outer(c, c)
                 cached = self._hinv[id(H)] = (Hs, hessian_inverse_upper(Hs, self.damp))
                 while len(self._hinv) > _HINV_KEPT:
                     del self._hinv[next(iter(self._hinv))]

@@ -151,7 +151,8 @@ def quantize(
     refine: Annotated[bool, typer.Option("--refine", help="Calibrate: the same per-tensor types and bytes as llama.cpp's imatrix quant of TYPE, better values (GPTQ error feedback over each layer's input correlations, shrunk toward their diagonal, on the shipped calibration text or --calib).")] = False,
     calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration text file or folder for --refine (default: the shipped one).", show_default=False)] = None,
     calib_chunks: Annotated[int, typer.Option("--calib-chunks", help="Chunks of 512 tokens of calibration text --refine reads (0: all).")] = 32,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="With --refine: a line per tensor (layer-output error gain, feedback ratio).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="With --refine: a line per tensor (layer-output error gain, feedback ratio) and per folded scale.")] = False,
+    fold: Annotated[bool, typer.Option("--fold/--no-fold", help="With --refine: first fold AWQ-style per-channel scales into the norms and matrices before each layer's linears (zero extra bytes; the float model's function unchanged).")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize a GGUF tensor by tensor with llama.cpp's rules; output bytes identical to llama-quantize."""
@@ -199,8 +200,10 @@ def quantize(
             raise OptionError("--imatrix", "--refine collects its own statistics (use --calib for the text); drop --imatrix")
         _quantize_refined(src, dst, ftype, options, calib=calib, chunks=calib_chunks or None, threads=n_threads,
                           force=force, dry_run=dry_run, name=name, split=split_bytes(split_max_size),
-                          verbose=verbose, as_json=as_json)
+                          verbose=verbose, as_json=as_json, fold=fold)
         return
+    if not fold:
+        raise OptionError("--no-fold", "folds scales only under --refine; add --refine")
     if calib:
         raise OptionError("--calib", "is the calibration text of --refine; add --refine (or give an imatrix with --imatrix)")
     if imatrix == "auto":
@@ -251,7 +254,7 @@ def _report_quantize(result, name: str | None, dry_run: bool, as_json: bool) -> 
 
 
 def _quantize_refined(src, dst, ftype, options, *, calib, chunks, threads, force, dry_run, name, split, verbose,
-                      as_json) -> None:
+                      as_json, fold=True) -> None:
     from ..calibrate import refine_model
     from ..gguf.recipes import ftype_name
 
@@ -262,7 +265,7 @@ def _quantize_refined(src, dst, ftype, options, *, calib, chunks, threads, force
                       f"{rep.seconds:.1f} s[/dim]", highlight=False)
 
     kw = dict(options=options, text=calib, chunks=chunks, threads=threads, force=force, dry_run=dry_run,
-              on_tensor=show, split_max_size=split)
+              on_tensor=show, split_max_size=split, fold=fold)
     if as_json or dry_run:
         result = refine_model(src, dst, ftype, **kw)
     else:
@@ -278,6 +281,14 @@ def _quantize_refined(src, dst, ftype, options, *, calib, chunks, threads, force
         return
     if not dry_run:
         r = result.refine
+        if verbose:
+            for f in r["folds"]:
+                out.print(f"[dim]scales folded into {f['prev']}: alpha {f['alpha']:g}, plain layer-output error "
+                          f"{f['gain']:.2f}x lower[/dim]", highlight=False)
+        if r["folds"]:
+            folded = sum(f["alpha"] > 0 for f in r["folds"])
+            out.print(f"folded per-channel scales into {folded} of {len(r['folds'])} norms and matrices "
+                      f"({r['fold_seconds']:.1f} s)", highlight=False)
         out.print(f"refined {r['tensors_refined']} tensors against {r['calibration_tokens']:,} calibration tokens "
                   f"(statistics {r['statistics_seconds']:.1f} s); {r['tensors_kept_plain']} kept their plain "
                   "imatrix encoding, which had the lower layer-output error", highlight=False)
