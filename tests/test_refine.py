@@ -13,17 +13,13 @@ from gguf import GGMLQuantizationType as T
 
 from llmquant.calib import refine as R
 from llmquant.calib.gptq import hessian_update
+from llmquant.calibrate import codec as _codec
 from llmquant.formats import get_format
 from llmquant.runtime.reference import dequantize as ggml_dequantize
 from llmquant.runtime.reference import quantize_chunk
 
 BLOCK_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL]
 K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
-
-
-def _codec(qtype):
-    fmt = get_format(qtype)
-    return (lambda w, imp: fmt.quantize(w, imp)), (lambda b, shape: fmt.dequantize(b, shape))
 
 
 def _layer(rows=48, cols=512, n=4096, seed=0):
@@ -351,14 +347,13 @@ def test_folded_scales_leave_the_float_model_s_output_unchanged_in_llama_cpp(tin
     divided), give llama.cpp's logits of the source; folding the columns without the rows does not."""
     from gguf import GGMLQuantizationType as GT
 
-    from llmquant.calibrate import codec, collect_hessians, fold_scales
+    from llmquant.calibrate import collect_hessians, fold_scales
     from llmquant.gguf.recipes import RecipeOptions, parse_ftype
     from llmquant.gguf.source import GGUFSource
     from llmquant.gguf.writer import AtomicGGUFWriter
 
     stats = collect_hessians(tiny_vocab_model, chunks=4, n_ctx=256)
-    folded = fold_scales(tiny_vocab_model, parse_ftype("Q4_0"), RecipeOptions(has_imatrix=True), stats, codec,
-                         shrink=0.7)
+    folded = fold_scales(tiny_vocab_model, parse_ftype("Q4_0"), RecipeOptions(has_imatrix=True), stats, shrink=0.7)
     kinds = {r["prev"].split(".")[2] for r in folded.report if r["alpha"] > 0}
     assert {"attn_norm", "ffn_norm", "ffn_up", "attn_v"} <= kinds, folded.report
 

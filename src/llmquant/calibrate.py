@@ -290,7 +290,7 @@ def codec(qtype):
     return (lambda w, imp: fmt.quantize(w, imp)), (lambda b, shape: fmt.dequantize(b, shape))
 
 
-def fold_scales(src: str | Path, ftype, options, stats, codec, *, shrink: float, threads: int = 1):
+def fold_scales(src: str | Path, ftype, options, stats, *, shrink: float, threads: int = 1):
     """``calib.fold.search_folds`` over ``src`` for the types llama.cpp's mixture gives ``ftype``:
     the layers searched ``threads`` at a time (one BLAS thread each). None for an architecture
     without folds."""
@@ -310,7 +310,7 @@ def fold_scales(src: str | Path, ftype, options, stats, codec, *, shrink: float,
             return None
         plans = quantize_model(src, None, ftype, options=options, threads=1, force=True, dry_run=True).plans
         codecs = {p.name: codec(p.type) for p in plans if p.type in REFINABLE}
-        names = {t.name for t in s.tensors}
+        shapes = {t.name: tuple(reversed(t.shape)) for t in s.tensors}  # (rows, cols) or (n,)
         n_layer = int(s.get(f"{s.arch}.block_count") or 0)
         n_head, n_kv = s.get(f"{s.arch}.attention.head_count"), s.get(f"{s.arch}.attention.head_count_kv")
         heads = (int(n_head), int(n_kv or n_head)) if isinstance(n_head, int) and isinstance(n_kv or n_head, int) else None
@@ -320,7 +320,7 @@ def fold_scales(src: str | Path, ftype, options, stats, codec, *, shrink: float,
 
         with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=max(threads, 1)) as pool:
             return search_folds(s.arch, n_layer, read, codecs, stats.get, shrink=shrink, heads=heads,
-                                has=names.__contains__, map_layers=pool.map)
+                                shape=shapes.get, map_layers=pool.map)
 
 
 def refine_model(
@@ -381,8 +381,7 @@ def refine_model(
 
     shrink = DEFAULT_SHRINK if shrink is None else shrink
     t1 = time.perf_counter()
-    folded = (fold_scales(src, ftype, options, stats, codec, shrink=shrink, threads=threads or 1)
-              if fold else None)
+    folded = fold_scales(src, ftype, options, stats, shrink=shrink, threads=threads or 1) if fold else None
     t_fold = time.perf_counter() - t1
     refiner = Refiner(stats, codec, damp=damp, weighting=weighting, shrink=shrink, on_tensor=on_tensor,
                       folded=folded)

@@ -139,14 +139,14 @@ class FoldedScales:
         return self.columns.get(name)
 
 
-def search_folds(arch: str, n_layer: int, read: Callable[[str], np.ndarray | None],
+def search_folds(arch: str, n_layer: int, read: Callable[[str], np.ndarray],
                  codecs: Mapping[str, tuple[Encode, Decode]], hessian: Callable[[str], np.ndarray | None], *,
-                 shrink: float, heads: tuple[int, int] | None, has: Callable[[str], bool],
+                 shrink: float, heads: tuple[int, int] | None, shape: Callable[[str], tuple[int, ...] | None],
                  map_layers: Callable = map) -> FoldedScales:
     """The folds of every decoder layer of a model of ``arch`` (``FOLDS``): ``read(name)`` a weight's
-    float32 rows (out, in) or a vector; ``codecs[name]`` the encoder/decoder of the type the weight
-    will have; ``hessian(name)`` its input statistics; ``heads`` (n_head, n_kv) for v → o;
-    ``has(name)`` whether the model has the tensor. A fold is skipped where a linear has no
+    float32 rows (out, in); ``codecs[name]`` the encoder/decoder of the type the weight will have;
+    ``hessian(name)`` its input statistics; ``heads`` (n_head, n_kv) for v → o; ``shape(name)``
+    the tensor's shape as (rows, cols) or (n,), None where the model has no such tensor. A fold is skipped where a linear has no
     statistics, no refinable type, or shapes that do not chain. ``map_layers`` runs the layers
     (``ThreadPoolExecutor.map`` for several at once)."""
     folds = FOLDS.get(arch)
@@ -160,26 +160,24 @@ def search_folds(arch: str, n_layer: int, read: Callable[[str], np.ndarray | Non
         for f in folds:
             names = [f"{p}{n}.weight" for n in f.linears]
             prev = f"{p}{f.prev}.weight"
-            if not has(prev) or not all(n in codecs and has(n) for n in names):
+            pshape = shape(prev)
+            if pshape is None or not all(n in codecs and shape(n) is not None for n in names):
                 continue
             H = hessian(names[0])
-            if H is None or any(hessian(n) is not H for n in names):
-                continue
-            Ws = [read(n) for n in names]
-            pw = read(prev)
-            if any(W.shape[1] != H.shape[0] for W in Ws):
+            if H is None or any(hessian(n) is not H for n in names) or any(shape(n)[1] != H.shape[0] for n in names):
                 continue
             tie = None
             if f.heads:
-                if heads is None or pw.ndim != 2:
+                if heads is None or len(pshape) != 2:
                     continue
                 n_head, n_kv = heads
                 hd = H.shape[0] // n_head
-                if n_head % n_kv or hd * n_head != H.shape[0] or pw.shape[0] != n_kv * hd:
+                if n_head % n_kv or hd * n_head != H.shape[0] or pshape[0] != n_kv * hd:
                     continue
                 tie = (n_kv, n_head // n_kv, hd)
-            elif (pw.shape[0] if pw.ndim == 2 else pw.size) != H.shape[0]:
+            elif pshape[0] != H.shape[0]:
                 continue
+            Ws = [read(n) for n in names]
             s, a, e0, e = fold_scale([(W, *codecs[n]) for W, n in zip(Ws, names)], H, shrink=shrink, tie=tie)
             found.append((f, names, prev, s, expand(s, tie), a, e0, e))
         return found
@@ -189,14 +187,14 @@ def search_folds(arch: str, n_layer: int, read: Callable[[str], np.ndarray | Non
             if a == 0:
                 out.report.append({"prev": prev, "alpha": 0.0, "gain": 1.0})
                 continue
-            for n in names:
-                out.columns[n] = out.columns[n] * cols if n in out.columns else cols
-            out.rows[prev] = out.rows[prev] * s if prev in out.rows else s
+            for n in names:  # each linear and each op before belongs to one fold (FOLDS)
+                out.columns[n] = cols
+            out.rows[prev] = s
             if f.prev.endswith("norm"):
                 out.vectors.add(prev)
             bias = prev.removesuffix(".weight") + ".bias"
-            if has(bias):
-                out.rows[bias] = out.rows[bias] * s if bias in out.rows else s
+            if shape(bias) is not None:
+                out.rows[bias] = s
                 out.vectors.add(bias)
             out.report.append({"prev": prev, "alpha": round(a, 4), "gain": round(e0 / e, 4) if e else 1.0})
     return out

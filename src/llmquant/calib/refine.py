@@ -626,12 +626,15 @@ class Refiner:
     def __post_init__(self):
         self.stats.hessians  # scaled now, once, before any thread reads them  # noqa: B018
 
+    def _column_scale(self, name: str) -> np.ndarray | None:
+        return self.folded.hessian_scale(name) if self.folded is not None else None
+
     def importance(self, name: str) -> np.ndarray | None:
         """E[x²] per input column (llama-imatrix's importance) from the Hessian."""
         H = self.stats.get(name)
         if H is None:
             return None
-        c = self.folded.hessian_scale(name) if self.folded is not None else None
+        c = self._column_scale(name)
         imp = np.diag(H) / 2
         return (imp if c is None else imp / c.astype(np.float64) ** 2).astype(np.float32)
 
@@ -647,7 +650,7 @@ class Refiner:
             cached = self._hinv.get(id(H))
             if cached is None:
                 Hs = shrink_hessian(H, self.shrink)
-                c = self.folded.hessian_scale(name) if self.folded is not None else None
+                c = self._column_scale(name)
                 if c is not None:  # the tensors sharing H are one fold's linears: one column scale
                     c = c.astype(np.float64)
                     Hs = Hs / np.outer(c, c)
