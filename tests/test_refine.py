@@ -331,6 +331,27 @@ def test_fold_scale_picks_loud_channels_and_ties_v_rows_to_their_q_heads():
     np.testing.assert_array_equal(cols.reshape(2, 2, 64)[:, 1], s.reshape(2, 64))
 
 
+def test_fold_scale_local_search_finds_the_grid_s_best_on_a_unimodal_curve():
+    """The α search encodes only some grid points; where the error over the whole grid (each point
+    encoded by ``fold_error``) falls then rises, it returns that grid's best point and its error,
+    and the error at α = 0 as computed there."""
+    from llmquant.calib.fold import ALPHAS, fold_error, fold_scale
+
+    W, H = _layer(rows=64, cols=256, seed=3)
+    weights = [(W, *_codec(T.Q4_0))]
+    Hs = R.shrink_hessian(H, 0.7).astype(np.float32)
+    for alphas in (ALPHAS, np.linspace(0, 1, 11)):
+        curve = [fold_error(weights, H, a, Hs=Hs)[1] for a in alphas]
+        best = int(np.argmin(curve))
+        assert all(np.diff(curve[:best + 1]) < 0) and all(np.diff(curve[best:]) > 0), curve  # unimodal
+        s, alpha, e0, e = fold_scale(weights, H, shrink=0.7, alphas=alphas)
+        print(f"grid {len(alphas)} points: errors {np.round(curve, 2)}, chose alpha {alpha}")
+        assert alpha == pytest.approx(alphas[best]) and e == curve[best] and e0 == curve[0]
+        assert 0 < best
+    with pytest.raises(ValueError, match="starting at 0"):
+        fold_scale(weights, H, shrink=0.7, alphas=[0.2, 0.3])
+
+
 def _logits(path, tokens):
     from llama_cpp import Llama
 

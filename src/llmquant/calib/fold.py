@@ -8,8 +8,9 @@ Quantizing W·diag(s) instead of W spends the grid's resolution on the loud inpu
 
 s = rms(x)^α normalised by √(max·min), with α on ``ALPHAS``; the α whose plain encoding (the real
 ggml encoder of the tensor's type, weighted by E[x²]/s², as the runtime will decode it) gives the
-least layer-output error Σ tr(ΔHΔᵀ) under the shrunk statistics (``refine.shrink_hessian``) wins;
-α = 0 (no scaling) is on the grid, so a fold never makes the plain encoding worse on that objective.
+least layer-output error Σ tr(ΔHΔᵀ) under the shrunk statistics (``refine.shrink_hessian``) wins,
+found by a local search on the grid; α = 0 (no scaling) is always tried, so a fold never makes the
+plain encoding worse on that objective.
 Under grouped-query attention v → o folds too: o's input channel (head h, c) carries v's row
 (kv head of h, c), so s is chosen per v row from the rms over the q heads that share it.
 
@@ -54,6 +55,34 @@ Encode = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (rows, importance) ->
 Decode = Callable[[np.ndarray, tuple], np.ndarray]
 
 
+def _rms(H: np.ndarray, tie: tuple[int, int, int] | None) -> np.ndarray:
+    xr = np.sqrt(np.maximum(np.diag(H) / 2.0, 1e-12))
+    if tie is not None:
+        n_kv, group, hd = tie
+        xr = np.sqrt((xr.reshape(n_kv, group, hd) ** 2).mean(axis=1)).reshape(-1)
+    return xr
+
+
+def fold_error(weights: list[tuple[np.ndarray, Encode, Decode]], H: np.ndarray, alpha: float, *,
+               Hs: np.ndarray, tie: tuple[int, int, int] | None = None,
+               row_step: int = ROW_STEP) -> tuple[np.ndarray, float]:
+    """(s, Σ tr(ΔHsΔᵀ)) at one α: s = rms(x)^α normalised by √(max·min), each linear encoded
+    plainly (importance E[x²]/s²) on W·diag(s) and decoded back to W's space; the error over every
+    ``row_step``-th output row against ``Hs`` (float32: 2x faster products, the same choice)."""
+    s = _rms(H, tie) ** alpha
+    s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+    cols = expand(s, tie)
+    imp = (np.diag(H) / 2.0 / cols.astype(np.float64) ** 2).astype(np.float32)
+    e = 0.0
+    for W, encode, decode in weights:
+        W = W[::row_step]
+        Ws = W * cols[None, :]
+        q = np.asarray(decode(encode(Ws, imp), Ws.shape), np.float32).reshape(Ws.shape) / cols[None, :]
+        D = q - W
+        e += float(np.vdot(D @ Hs, D))  # tr(ΔHΔᵀ), as refine.output_error
+    return s, e
+
+
 def fold_scale(weights: list[tuple[np.ndarray, Encode, Decode]], H: np.ndarray, *, shrink: float,
                alphas: Iterable[float] = ALPHAS, tie: tuple[int, int, int] | None = None,
                row_step: int = ROW_STEP) -> tuple[np.ndarray, float, float, float]:
@@ -61,33 +90,40 @@ def fold_scale(weights: list[tuple[np.ndarray, Encode, Decode]], H: np.ndarray, 
     α = 0, error at α). ``weights``: (W (out, in), encode, decode) per linear. ``tie`` (n_kv, group,
     head_dim): s has one value per v row (n_kv·head_dim), repeated over the ``group`` q heads of
     each kv head to scale the linears' columns (``expand``). The errors are summed over every
-    ``row_step``-th output row of each linear: α is one number for the whole fold, and half the rows
-    choose it as well as all (SmolLM2) at half the encoding time."""
-    Hs = shrink_hessian(H, shrink).astype(np.float32)  # float32 products: 2x faster, the same choice
-    xr = np.sqrt(np.maximum(np.diag(H) / 2.0, 1e-12))
-    if tie is not None:
-        n_kv, group, hd = tie
-        xr = np.sqrt((xr.reshape(n_kv, group, hd) ** 2).mean(axis=1)).reshape(-1)
-    best = None
-    e0 = np.inf
-    for a in alphas:
-        s = xr ** a
-        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        cols = expand(s, tie)
-        imp = (np.diag(H) / 2.0 / cols.astype(np.float64) ** 2).astype(np.float32)
-        e = 0.0
-        for W, encode, decode in weights:
-            W = W[::row_step]
-            Ws = W * cols[None, :]
-            q = np.asarray(decode(encode(Ws, imp), Ws.shape), np.float32).reshape(Ws.shape) / cols[None, :]
-            D = q - W
-            e += float(np.vdot(D @ Hs, D))  # tr(ΔHΔᵀ), as refine.output_error
-        if a == 0:
-            e0 = e
-        if best is None or e < best[3]:
-            best = (s, float(a), e0, e)
-    s, a, _, e = best
-    return s, a, e0, e
+    ``row_step``-th output row of each linear (``fold_error``): α is one number for the whole fold,
+    and half the rows choose it as well as all (SmolLM2) at half the encoding time.
+
+    ``alphas`` must start at 0. Not every point is encoded: α = 0 and the grid's third point first,
+    then a climb to the better neighbour while it improves (or, where the third point is no better
+    than 0, the points between): on SmolLM2's Q4_K_M the whole grid's best in 118 and 119 of 120
+    folds (default and de-gridded model; error sums +0.03 % and +0.001 %) at 61 % and 68 % of the
+    encodings."""
+    alphas = [float(a) for a in alphas]
+    if not alphas or alphas[0] != 0.0:
+        raise ValueError(f"alphas {alphas}: expected a grid starting at 0 (no scaling)")
+    Hs = shrink_hessian(H, shrink).astype(np.float32)
+    tried: dict[int, tuple[np.ndarray, float]] = {}
+
+    def error(i: int) -> float:
+        if i not in tried:
+            tried[i] = fold_error(weights, H, alphas[i], Hs=Hs, tie=tie, row_step=row_step)
+        return tried[i][1]
+
+    start = min(2, len(alphas) - 1)
+    i = start if error(start) < error(0) else 0
+    if i == 0:
+        for j in range(1, start):
+            if error(j) < error(i):
+                i = j
+    else:
+        for step in (1, -1):
+            j = i
+            while 0 <= j + step < len(alphas) and error(j + step) < error(j):
+                j += step
+            if j != i:
+                i = j
+                break
+    return tried[i][0], alphas[i], tried[0][1], tried[i][1]
 
 
 def expand(s: np.ndarray, tie: tuple[int, int, int] | None) -> np.ndarray:
