@@ -293,6 +293,9 @@ def gptq(W: np.ndarray, H: np.ndarray, grid: Grid, group_size: int, *, act_order
     if isinstance(grid, IntGrid) and fit_group is None:
         C = _int_feedback(W, U, Q, grid, g, B, static, perm, fitted, np.diag(H), range_points)
         return _result(Q, static, fitted, perm, act_order, g, damp, C)
+    if fit_group is not None and getattr(grid, "feedback", None) is not None and B % g == 0:
+        _grid_feedback(W, U, Q, grid, g, B, fitted)
+        return _result(Q, static, fitted, perm, act_order, g, damp)
     p = None
     # inside a block, rank-1 updates only within sub-blocks of ``sub`` columns; each sub-block's errors
     # reach the rest of the block in one product (the same sums, fewer passes over memory)
@@ -385,6 +388,28 @@ def _int_feedback(W, U, Q, grid: IntGrid, g: int, B: int, static, perm, fitted: 
             Wt[i2:] -= U[i1:i2, i2:].T @ Err
     Q[:] = Qt.T
     return Ct.T
+
+
+def _grid_feedback(W, U, Q, grid, g: int, B: int, fitted: dict) -> None:
+    """The column loop of ``gptq`` (act-order "none") for a grid with a compiled ``feedback`` (the
+    ggml 32-block grids of ``refine.BlockGrid``): as ``_int_feedback``, on the transposed weights,
+    each group fitted by ``grid.fit_group`` when its first column comes up, on the weights as updated
+    so far. The same values as the generic loop up to the summation order of the updates."""
+    rows, cols = W.shape
+    Wt = np.ascontiguousarray(W.T)  # (cols, rows)
+    Qt = np.empty_like(Wt)
+    for i1 in range(0, cols, B):
+        i2 = min(i1 + B, cols)
+        W1, Q1 = Wt[i1:i2], Qt[i1:i2]
+        Err = np.empty_like(W1)
+        U1 = np.ascontiguousarray(U[i1:i2, i1:i2])
+        for lo in range(0, i2 - i1, g):
+            c = i1 + lo
+            p = fitted[c // g] = grid.fit_group(Wt[c:c + g].T, c // g)
+            grid.feedback(W1, U1, Q1, Err, p, lo, min(lo + g, i2 - i1))
+        if i2 < cols:
+            Wt[i2:] -= U[i1:i2, i2:].T @ Err
+    Q[:] = Qt.T
 
 
 @njit(cache=True, nogil=True)

@@ -109,6 +109,13 @@ class BlockGrid:
     def round(self, w: np.ndarray, p: BlockParams, j: int = 0) -> np.ndarray:
         return self.values(self.codes(w, p), p)
 
+    def feedback(self, W1, U1, Q1, Err, p: BlockParams, lo: int, hi: int) -> None:
+        """``gptq``'s compiled column loop (``gptq._grid_feedback``) over columns lo..hi of a block,
+        all (block columns, rows), on ``p``: each column rounded as ``round`` rounds it."""
+        m = p.m if p.m is not None else np.zeros_like(p.d)
+        _feedback_columns(W1, U1, Q1, Err, np.ascontiguousarray(p.d, np.float32), np.ascontiguousarray(m, np.float32),
+                          lo, hi, _KINDS[self.kind], self.lo, self.hi, IQ4NL_VALUES)
+
     # -- codes ------------------------------------------------------------------------------
     def codes(self, w: np.ndarray, p: BlockParams) -> np.ndarray:
         """Nearest codes of ``w`` ((rows,) or (rows, k)) on ``p``."""
@@ -132,6 +139,42 @@ class BlockGrid:
             m = p.m if q.ndim == 1 else p.m[:, None]
             return (q.astype(np.float32) * d + m).astype(np.float32)
         return (IQ4NL_VALUES[q] * d).astype(np.float32)
+
+
+_KINDS = {"sym": 0, "asym": 1, "table": 2}
+
+
+@njit(cache=True, nogil=True)
+def _feedback_columns(W1, U1, Q1, Err, D, M, lo, hi, kind, qlo, qhi, table):  # pragma: no cover - compiled
+    """Columns lo..hi of a GPTQ block, all (block columns, rows): round column i per row on its
+    (d, m) exactly as ``BlockGrid.codes`` and ``values`` do, spread (w − ŵ)/U[i, i] over the block's
+    later columns; float32 throughout, along the rows (contiguous here)."""
+    n, rows = W1.shape
+    a = np.float32(qlo)
+    b = np.float32(qhi)
+    for i in range(lo, hi):
+        u = U1[i, i]
+        wi, qi, ei = W1[i], Q1[i], Err[i]
+        for r in range(rows):
+            w = wi[r]
+            d = D[r]
+            if kind == 0:
+                v = np.float32(min(max(np.rint(w / d), a), b)) * d if d != 0 else np.float32(0.0)
+            elif kind == 1:
+                v = (np.float32(min(max(np.rint((w - M[r]) / d), a), b)) * d if d != 0 else np.float32(0.0)) + M[r]
+            else:
+                t = w / d if d != 0 else np.float32(0.0)
+                j = 0
+                while j < 15 and t > (table[j] + table[j + 1]) * np.float32(0.5):
+                    j += 1
+                v = table[j] * d
+            qi[r] = v
+            ei[r] = (w - v) / u
+        for k in range(i + 1, n):
+            uk = U1[i, k]
+            wk = W1[k]
+            for r in range(rows):
+                wk[r] -= ei[r] * uk
 
 
 # search_scale's loops, one per kind of type, float32 throughout with reciprocal products instead of
