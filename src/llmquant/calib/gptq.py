@@ -417,7 +417,7 @@ def _feedback_block(W1, U1, Q1, C1, Err, S, Z, lo, hi, maxq):  # pragma: no cove
     """Columns lo..hi of a block, all (block columns, rows): round column i onto its (scale, zero) per
     row, spread (w − q)/U[i, i] over the block's later columns; float32 throughout, as the numpy loop.
     The loops run along the rows (contiguous here), which LLVM vectorizes."""
-    n, rows = W1.shape
+    rows = W1.shape[1]
     zero = np.float32(0.0)
     top = np.float32(maxq)
     for i in range(lo, hi):
@@ -431,11 +431,17 @@ def _feedback_block(W1, U1, Q1, C1, Err, S, Z, lo, hi, maxq):  # pragma: no cove
             q = (q - z) * s
             qi[r] = q
             ei[r] = (w - q) / d
-        for k in range(i + 1, n):
-            u = U1[i, k]
-            wk = W1[k]
-            for r in range(rows):
-                wk[r] -= ei[r] * u
+        spread(W1, U1, ei, i)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def spread(W1, U1, ei, i):  # pragma: no cover - compiled
+    """Column i's error ``ei`` (rows,) over the block's later columns: W1[k] −= ei·U1[i, k]."""
+    for k in range(i + 1, W1.shape[0]):
+        u = U1[i, k]
+        wk = W1[k]
+        for r in range(W1.shape[1]):
+            wk[r] -= ei[r] * u
 
 
 def int_codes(result: GPTQResult, grid: IntGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
