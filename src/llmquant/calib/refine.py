@@ -159,19 +159,19 @@ def _feedback_columns(W1, U1, Q1, Err, D, M, lo, hi, kind, qlo, qhi, table):  # 
             w = wi[r]
             d = D[r]
             if kind == 0:
-                v = np.float32(min(max(np.rint(w / d), a), b)) * d if d != 0 else np.float32(0.0)
+                v = _code_sym(w / d, a, b) * d if d != 0 else np.float32(0.0)
             elif kind == 1:
-                v = (np.float32(min(max(np.rint((w - M[r]) / d), a), b)) * d if d != 0 else np.float32(0.0)) + M[r]
+                v = (_code_sym((w - M[r]) / d, a, b) * d if d != 0 else np.float32(0.0)) + M[r]
             else:
-                v = _code_table(w / d if d != 0 else np.float32(0.0), a, b, table) * d
+                v = _code_table(w / d if d != 0 else np.float32(0.0), table) * d
             qi[r] = v
             ei[r] = (w - v) / u
         spread(W1, U1, ei, i)
 
 
-# search_scale's loops, one per kind of type, float32 throughout with reciprocal products instead of
-# divisions (the asymmetric refit's normal equations in float64): 3-5x faster than float64 sums, and
-# the same scale for all but ~1 block in 10⁴ (near-ties). Codes are rounded on x/d as ``codes`` does.
+# search_scale's loops (``_search_scaled`` for symmetric and IQ4_NL blocks, ``_search_asym``), float32
+# throughout with reciprocal products instead of divisions (the asymmetric refit's normal equations in
+# float64): 3-5x faster than float64 sums, and the same scale for all but ~1 block in 10⁴ (near-ties).
 
 @njit(nogil=True, cache=True, fastmath=True, inline="always")
 def _peak(x):  # pragma: no cover - compiled
@@ -184,12 +184,13 @@ def _peak(x):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True, fastmath=True, inline="always")
-def _code_sym(t, lo, hi, table):  # pragma: no cover - compiled
+def _code_sym(t, lo, hi):  # pragma: no cover - compiled
+    """t rounded to the nearest integer code in lo … hi."""
     return min(max(np.rint(t), lo), hi)
 
 
 @njit(nogil=True, cache=True, fastmath=True, inline="always")
-def _code_table(t, lo, hi, table):  # pragma: no cover - compiled
+def _code_table(t, table):  # pragma: no cover - compiled
     """The nearest IQ4_NL value (ties to the lower one)."""
     i = 0
     while i < 15 and t > (table[i] + table[i + 1]) * np.float32(0.5):
@@ -220,7 +221,7 @@ def _search_scaled(w, qw, factors, lo_, hi_, table, div, use_table, d_out):  # p
                 den = np.float32(0.0)
                 for j in range(x.shape[0]):
                     t = x[j] * inv
-                    v = _code_table(t, lo, hi, table) if use_table else _code_sym(t, lo, hi, table)
+                    v = _code_table(t, table) if use_table else _code_sym(t, lo, hi)
                     num += qw[j] * v * x[j]
                     den += qw[j] * v * v
                 d = K.fp16_to_fp32(K.fp32_to_fp16(np.float32(num / den) if den > 0 else d0))
@@ -228,7 +229,7 @@ def _search_scaled(w, qw, factors, lo_, hi_, table, div, use_table, d_out):  # p
             inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
             for j in range(x.shape[0]):
                 t = x[j] * inv
-                e = x[j] - (_code_table(t, lo, hi, table) if use_table else _code_sym(t, lo, hi, table)) * d
+                e = x[j] - (_code_table(t, table) if use_table else _code_sym(t, lo, hi)) * d
                 err += qw[j] * e * e
             if err < best:
                 best = err
@@ -241,7 +242,7 @@ def _err_asym(x, qw, d, m, lo, hi):  # pragma: no cover - compiled
     err = np.float32(0.0)
     inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
     for j in range(x.shape[0]):
-        e = x[j] - (min(max(np.rint((x[j] - m) * inv), lo), hi) * d + m)
+        e = x[j] - (_code_sym((x[j] - m) * inv, lo, hi) * d + m)
         err += qw[j] * e * e
     return err
 
@@ -271,7 +272,7 @@ def _search_asym(w, qw, factors, lo_, hi_, d_out, m_out):  # pragma: no cover - 
                 inv = np.float32(1.0) / d0
                 sw = swq = swq2 = swx = swqx = 0.0
                 for j in range(x.shape[0]):
-                    q = min(max(np.rint((x[j] - mn) * inv), lo), hi)
+                    q = _code_sym((x[j] - mn) * inv, lo, hi)
                     sw += qw[j]
                     swq += qw[j] * q
                     swq2 += qw[j] * q * q
@@ -292,8 +293,6 @@ def _search_asym(w, qw, factors, lo_, hi_, d_out, m_out):  # pragma: no cover - 
                 bm = m
         d_out[r] = bd
         m_out[r] = bm
-
-
 
 
 def search_scale(w: np.ndarray, qw: np.ndarray, qtype: T, factors: np.ndarray) -> BlockParams:
