@@ -260,7 +260,7 @@ def _quantize_refined(src, dst, ftype, options, *, calib, chunks, threads, force
 
     def show(rep) -> None:
         if verbose and not as_json:
-            what = f"{rep.gain:.2f}x lower layer-output error" if rep.kept else "kept the plain encoding"
+            what = f"error {rep.gain:.2f}x lower" if rep.kept else "kept the plain encoding"  # a line in 80 columns
             out.print(f"[dim]{rep.name} {rep.type}: {what}, feedback ratio {rep.feedback_ratio:.3f}, "
                       f"{rep.seconds:.1f} s[/dim]", highlight=False)
 
@@ -282,9 +282,9 @@ def _quantize_refined(src, dst, ftype, options, *, calib, chunks, threads, force
     if not dry_run:
         r = result.refine
         if verbose:
-            for f in r["folds"]:
-                out.print(f"[dim]scales folded into {f['prev']}: alpha {f['alpha']:g}, plain layer-output error "
-                          f"{f['gain']:.2f}x lower[/dim]", highlight=False)
+            for f in r["folds"]:  # a line each in 80 columns
+                what = f"plain error {f['gain']:.2f}x lower" if f["alpha"] > 0 else "unchanged"
+                out.print(f"[dim]scales folded into {f['prev']}: alpha {f['alpha']:g}, {what}[/dim]", highlight=False)
         if r["folds"]:
             folded = sum(f["alpha"] > 0 for f in r["folds"])
             out.print(f"folded per-channel scales into {folded} of {len(r['folds'])} norms and matrices "
