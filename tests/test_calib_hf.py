@@ -153,6 +153,37 @@ def test_awq_folds_the_scales_into_the_norms(tiny, tmp_path):
     assert float(((a - b) ** 2).mean()) < 0.1 * float((b ** 2).mean())
 
 
+def test_torch_factor_is_numpy_s_in_float32():
+    """GPTQ's H⁻¹ factor by torch in float32 (hf_quant._torch_factor, the HF path) against the float64
+    numpy one (gptq.inverse_factor, the GGUF path): upper triangular, UᵀU·H = I, the same U to float32
+    precision; a matrix that is not positive definite raises LinAlgError (so gptq damps it more)."""
+    from llmquant.calib.gptq import inverse_factor
+    from llmquant.calib.hf_quant import _torch_factor
+
+    rng = np.random.default_rng(3)
+    for n in (96, 600):  # below and above the recursion's cut of 256
+        X = rng.standard_normal((2 * n, n)) * rng.uniform(0.1, 3, n)
+        H = 2 * X.T @ X / len(X) + 0.01 * np.eye(n)
+        U, ref = _torch_factor(H), inverse_factor(H)
+        assert U.dtype == np.float32 and np.array_equal(U, np.triu(U))
+        assert np.allclose(U.astype(np.float64).T @ U @ H, np.eye(n), atol=2e-3)
+        assert np.abs(U - ref).max() <= 1e-5 * np.abs(ref).max()
+    with pytest.raises(np.linalg.LinAlgError):
+        _torch_factor(-np.eye(8))
+
+
+def test_gram_is_x_transpose_x():
+    """hf_quant._gram (torch, the panels on and above the diagonal, mirrored) against numpy's xᵀx."""
+    from llmquant.calib.hf_quant import _gram
+
+    rng = np.random.default_rng(4)
+    for cols in (1, 7, 64, 577):
+        x = rng.standard_normal((300, cols)).astype(np.float32)
+        G = _gram(torch.from_numpy(x))
+        assert G.dtype == np.float64 and np.array_equal(G, G.T)
+        assert np.allclose(G, x.astype(np.float64).T @ x, rtol=1e-5, atol=1e-3)
+
+
 @pytest.mark.slow
 def test_gptq_beats_rtn_on_the_layer_outputs(tiny, tmp_path, monkeypatch):
     """End to end on the tiny model: on held-out text (chunks 32-39 of the shipped calibration text,

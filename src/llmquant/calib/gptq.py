@@ -200,24 +200,30 @@ def _range_errors(blocks, d, S, Z, maxq):  # pragma: no cover - compiled
     return err
 
 
-def _upper_cholesky_inverse(H: np.ndarray, damp: float, cholesky=np.linalg.cholesky) -> tuple[np.ndarray, float]:
+def _upper_cholesky_inverse(H: np.ndarray, damp: float, factor=None) -> tuple[np.ndarray, float]:
     """U with H⁻¹ = UᵀU for H + damp·mean(diag)·I; damping ×10 until H is positive definite.
 
-    One Cholesky factorisation and one inverse of a triangle: with R upper and H = RRᵀ (the
-    Cholesky factor of H with rows and columns reversed, reversed back), H⁻¹ = R⁻ᵀR⁻¹, so U = R⁻¹
-    by the uniqueness of the factor — the textbook chol(inv(H)) without forming inv(H) (a third
-    of the flops: a third of a GPTQ run on the default model went to it). ``cholesky``: the lower
-    factor of a matrix, raising ``np.linalg.LinAlgError`` where it is not positive definite."""
+    ``factor`` maps the damped H (float64) to U, raising ``np.linalg.LinAlgError`` where it is not
+    positive definite; by default ``inverse_factor`` (numpy, float64)."""
+    factor = factor or inverse_factor
     mean_diag = float(np.mean(np.diag(H)))
     for _ in range(6):
         Hd = H.copy()
         Hd[np.diag_indices_from(Hd)] += damp * mean_diag
         try:
-            R = np.ascontiguousarray(cholesky(Hd[::-1, ::-1])[::-1, ::-1])
-            return _inverse_upper(R), damp
+            return factor(Hd), damp
         except np.linalg.LinAlgError:
             damp *= 10
     raise np.linalg.LinAlgError("Hessian is not positive definite even with damping 1e5 x mean(diag)")
+
+
+def inverse_factor(Hd: np.ndarray) -> np.ndarray:
+    """U with Hd⁻¹ = UᵀU (Hd positive definite) in float64 by numpy: one Cholesky factorisation and
+    one inverse of a triangle. With R upper and Hd = RRᵀ (the Cholesky factor of Hd with rows and
+    columns reversed, reversed back), Hd⁻¹ = R⁻ᵀR⁻¹, so U = R⁻¹ by the uniqueness of the factor —
+    the textbook chol(inv(H)) without forming inv(H) (a third of the flops)."""
+    R = np.ascontiguousarray(np.linalg.cholesky(Hd[::-1, ::-1])[::-1, ::-1])
+    return _inverse_upper(R)
 
 
 def _inverse_upper(R: np.ndarray) -> np.ndarray:
@@ -245,12 +251,12 @@ def hessian_inverse_upper(H: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray
 
 def gptq(W: np.ndarray, H: np.ndarray, grid: Grid, group_size: int, *, act_order: str = "none",
          damp: float = 0.01, block_size: int = 128, hinv_upper: tuple[np.ndarray, float] | None = None,
-         cholesky=np.linalg.cholesky, range_points: int = 0) -> GPTQResult:
+         factor=None, range_points: int = 0) -> GPTQResult:
     """Quantize ``W`` (rows = output channels, cols = input channels) against Hessian ``H`` (cols, cols).
 
     ``group_size`` 0 means one group per row (per-channel). ``hinv_upper``: (U, damp) already
-    computed for this H (``hessian_inverse_upper``), with act_order "none". ``cholesky``: the
-    Cholesky factorisation to use (numpy's by default; see ``_upper_cholesky_inverse``).
+    computed for this H (``hessian_inverse_upper``), with act_order "none". ``factor``: damped H →
+    U, the upper Cholesky factor of its inverse (``inverse_factor``, numpy float64, by default).
     ``range_points`` n > 0 (an ``IntGrid``): each group's range is the best of n shrinks of its
     min/max (``range_search``), not min/max itself."""
     if act_order not in ACT_ORDERS:
@@ -280,19 +286,19 @@ def gptq(W: np.ndarray, H: np.ndarray, grid: Grid, group_size: int, *, act_order
     if act_order != "none":
         perm = np.argsort(-np.diag(H), kind="stable")
         W = W[:, perm]
-        H = H[perm][:, perm]
+        H = H[np.ix_(perm, perm)]
     if hinv_upper is not None and act_order == "none":
         U, damp = hinv_upper
     else:
-        U, damp = _upper_cholesky_inverse(H, damp, cholesky)
+        U, damp = _upper_cholesky_inverse(H, damp, factor)
     U = U.astype(np.float32)
 
-    Q = np.empty_like(W)
     fitted: dict[int, Any] = {}
     fit_group = getattr(grid, "fit_group", None) if act_order == "none" else None  # a grid that weights each group's columns its own way
     if isinstance(grid, IntGrid) and fit_group is None:
-        C = _int_feedback(W, U, Q, grid, g, B, static, perm, fitted, np.diag(H), range_points)
-        return _result(Q, static, fitted, perm, act_order, g, damp, C)
+        Q, C = _int_feedback(W, U, grid, g, B, static, perm, fitted, np.diag(H), range_points)
+        return _result(Q, static, fitted, perm, act_order, g, damp, C, ordered=True)
+    Q = np.empty_like(W)
     if fit_group is not None and getattr(grid, "feedback", None) is not None and B % g == 0:
         _grid_feedback(W, U, Q, grid, g, B, fitted)
         return _result(Q, static, fitted, perm, act_order, g, damp)
@@ -329,29 +335,34 @@ def gptq(W: np.ndarray, H: np.ndarray, grid: Grid, group_size: int, *, act_order
     return _result(Q, static, fitted, perm, act_order, g, damp)
 
 
-def _result(Q, static, fitted, perm, act_order, g, damp, C=None) -> GPTQResult:
+def _result(Q, static, fitted, perm, act_order, g, damp, C=None, ordered=False) -> GPTQResult:
+    """The result of a column loop whose Q (and codes C) are in the loop's column order, or already
+    in the original one (``ordered``)."""
     cols = Q.shape[1]
     if act_order == "none":
         C = None if C is None else np.ascontiguousarray(C)
         return GPTQResult(Q, [fitted[k] for k in range(cols // g)], (np.arange(cols) // g).astype(np.int32), None, damp, C)
     inv = np.argsort(perm)
-    Q = np.ascontiguousarray(Q[:, inv])
-    C = None if C is None else np.ascontiguousarray(C[:, inv])
+    if not ordered:
+        Q = np.ascontiguousarray(Q[:, inv])
+        C = None if C is None else np.ascontiguousarray(C[:, inv])
     if act_order == "static":
         return GPTQResult(Q, static, (np.arange(cols) // g).astype(np.int32), perm, damp, C)
     g_idx = (inv // g).astype(np.int32)  # original column c sat at position inv[c]
     return GPTQResult(Q, [fitted[k] for k in range(cols // g)], g_idx, perm, damp, C)
 
 
-def _int_feedback(W, U, Q, grid: IntGrid, g: int, B: int, static, perm, fitted: dict, diag: np.ndarray,
-                  range_points: int) -> np.ndarray:
+def _int_feedback(W, U, grid: IntGrid, g: int, B: int, static, perm, fitted: dict, diag: np.ndarray,
+                  range_points: int) -> tuple[np.ndarray, np.ndarray]:
     """The column loop of ``gptq`` for an ``IntGrid``, compiled (``_feedback_block``), on the
     transposed weights so that a column is contiguous; each block's error reaches the columns after
     it in one product. Groups of act-order "none" / "group" are fitted when their first column comes
     up, on the weights as updated so far (``range_points``: their range by ``range_search`` over the
     columns' diag(H)) — a block is then cut at each group start. The generic loop
     below gives the same values up to the summation order of the block products (a last-bit
-    difference in a weight or scale, nothing more: tests/test_calib_math.py compares the two)."""
+    difference in a weight or scale, nothing more: tests/test_calib_math.py compares the two).
+    Returns (Q, codes), (rows, cols) each, in the original column order (``perm`` undone on the
+    transposed arrays, where a column is a contiguous row: 3x faster than gathering columns)."""
     rows, cols = W.shape
     Wt = np.ascontiguousarray(W.T)  # (cols, rows)
     Qt = np.empty_like(Wt)
@@ -386,8 +397,10 @@ def _int_feedback(W, U, Q, grid: IntGrid, g: int, B: int, static, perm, fitted: 
                 lo = hi
         if i2 < cols:
             Wt[i2:] -= U[i1:i2, i2:].T @ Err
-    Q[:] = Qt.T
-    return Ct.T
+    if perm is not None:
+        inv = np.argsort(perm)
+        Qt, Ct = Qt[inv], Ct[inv]
+    return np.ascontiguousarray(Qt.T), np.ascontiguousarray(Ct.T)
 
 
 def _grid_feedback(W, U, Q, grid, g: int, B: int, fitted: dict) -> None:

@@ -240,7 +240,7 @@ def quantize_hf(src: str | Path, dst: str | Path, *, method: str = "gptq", fmt: 
         """GPTQ of the linears ``members`` (one input, one H) as one matrix of stacked rows: {name:
         (dequantized, codes, scales, zeros, g_idx)}, each its own rows."""
         res = gptq(np.concatenate([weights[n] for n in members]), H, grid, g, act_order=act_order, damp=damp,
-                   cholesky=_torch_cholesky, range_points=range_search)
+                   factor=_torch_factor, range_points=range_search)
         codes, scales, zeros = int_codes(res, grid)
         out, r0 = {}, 0
         for n in members:
@@ -278,7 +278,7 @@ def quantize_hf(src: str | Path, dst: str | Path, *, method: str = "gptq", fmt: 
                     groups = _input_groups(layer, mods, hidden[:1, :8], mask[..., :8, :8], pos[:, :8], (cos[:, :8], sin[:, :8]))
 
                 def solve(members, x):  # the Gram matrix counts as statistics (forward), as in _collect
-                    x2 = x.reshape(-1, x.shape[-1]).float().numpy()
+                    x2 = x.reshape(-1, x.shape[-1]).float()
                     G = _gram(x2)
                     t = time.perf_counter()
                     results.update(gptq_rows(weights, members, 2.0 * G / x2.shape[0]))
@@ -287,10 +287,12 @@ def quantize_hf(src: str | Path, dst: str | Path, *, method: str = "gptq", fmt: 
                     timing[1] += time.perf_counter() - t
 
                 solved = timing[1]
-                hidden = _one_pass(layer, mods, groups, hidden, mask, pos, (cos, sin), solve)
+                with _torch_threads():
+                    hidden = _one_pass(layer, mods, groups, hidden, mask, pos, (cos, sin), solve)
                 timing[0] += time.perf_counter() - t0 - (timing[1] - solved)
             elif method != "rtn":
-                stats, leader_of, float_out = _collect(layer, mods, hidden, run)
+                with _torch_threads():
+                    stats, leader_of, float_out = _collect(layer, mods, hidden, run)
             t1 = time.perf_counter()
             timing[0] += (t1 - t0) if not one_pass else 0.0
             if method == "gptq" and not one_pass:
@@ -353,7 +355,8 @@ def quantize_hf(src: str | Path, dst: str | Path, *, method: str = "gptq", fmt: 
                 hidden = float_out  # AutoAWQ's order: every layer calibrated on the float model's activations
             elif hidden is not None and i + 1 < n_layers and not one_pass:
                 t0 = time.perf_counter()
-                hidden = run(layer, hidden)
+                with _torch_threads():
+                    hidden = run(layer, hidden)
                 timing[0] += time.perf_counter() - t0
             layer.to("meta")
             del state, weights, results, stats, tensors, float_out
@@ -377,6 +380,17 @@ def quantize_hf(src: str | Path, dst: str | Path, *, method: str = "gptq", fmt: 
                        range_search, timing[0], timing[1], [round(a, 3) for a in alphas], notes)
 
 
+def _torch_threads():
+    """numpy's BLAS on one thread while torch runs a forward: OpenBLAS's idle workers spin for a
+    while after each numpy product and take a core from torch's next one. A GPTQ of SmolLM2 on the
+    2-core machine (its solves run inside the forward) took 39 s with both pools, 23–25 s so; AWQ's
+    forwards 13.8 → 12.2 s (its scale search, after the forward, keeps both BLAS threads: 29 s
+    instead of 35 s on one)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 ONE_PASS_SHARE = 0.25  # of the available memory, for one forward over every calibration sample at once
 
 
@@ -391,15 +405,33 @@ def _one_pass_bytes(cfg: dict, samples: int, seq_len: int) -> int:
     return 4 * (tokens * (8 * hidden + 3 * inter) + 2 * samples * heads * seq_len * seq_len)
 
 
-def _torch_cholesky(A: np.ndarray) -> np.ndarray:
-    """The lower Cholesky factor by torch (float64, on every thread; numpy's runs on one): GPTQ's
-    factorisation of the 1536-wide Hessians took 0.08 s each with numpy, 0.055 s with torch."""
+def _torch_factor(Hd: np.ndarray) -> np.ndarray:
+    """``gptq.inverse_factor`` by torch in float32, as llm-compressor and the GPTQ reference factor
+    the Hessian (float32), on every thread (numpy's Cholesky runs on one): U = R⁻¹ with Hd = RRᵀ, R
+    the reversed Cholesky factor of the reversed Hd. 33 ms at 1536 wide instead of 121 ms (float64,
+    numpy's inverse of the triangle); U differs from the float64 one by ~1e-7 of its largest entry."""
     import torch
 
-    L, info = torch.linalg.cholesky_ex(torch.from_numpy(np.ascontiguousarray(A)))
+    L, info = torch.linalg.cholesky_ex(torch.from_numpy(np.ascontiguousarray(Hd[::-1, ::-1], np.float32)))
     if int(info):
         raise np.linalg.LinAlgError("not positive definite")
-    return L.numpy()
+    return _torch_inverse_upper(L.flip(0, 1).contiguous()).numpy()
+
+
+def _torch_inverse_upper(R):
+    """R⁻¹ of an upper-triangular torch matrix by halves, [[A, B], [0, C]]⁻¹ = [[A⁻¹, −A⁻¹BC⁻¹],
+    [0, C⁻¹]], triangular solves below 256 (half the time of one solve against the identity at 1536)."""
+    import torch
+
+    n = R.shape[0]
+    if n <= 256:
+        return torch.linalg.solve_triangular(R, torch.eye(n, dtype=R.dtype), upper=True)
+    h = n // 2
+    Ai, Ci = _torch_inverse_upper(R[:h, :h]), _torch_inverse_upper(R[h:, h:])
+    out = torch.zeros_like(R)
+    out[:h, :h], out[h:, h:] = Ai, Ci
+    out[:h, h:] = -(Ai @ R[:h, h:]) @ Ci
+    return out
 
 
 def _input_groups(layer, mods, h, mask, pos, rotary) -> list[list[str]]:
@@ -463,10 +495,18 @@ def _one_pass(layer, mods, groups, hidden, mask, pos, rotary, solve):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _gram(x2: np.ndarray) -> np.ndarray:
-    """x2ᵀx2 in float64 from float32 (tokens, cols): numpy computes ``a.T @ a`` as one symmetric rank-k
-    update (half the flops of torch's general product; 0.125 s instead of 0.18 s for 4096 x 1536)."""
-    return (x2.T @ x2).astype(np.float64)
+def _gram(x) -> np.ndarray:
+    """xᵀx in float64 of a float32 torch (tokens, cols) by torch (on its threads), only the panels
+    on and above the diagonal (four row panels: 5/8 of a general product's flops), the rest mirrored."""
+    import torch
+
+    n = x.shape[1]
+    b = -(-n // 4)
+    G = torch.empty((n, n), dtype=torch.float32)
+    for i in range(0, n, b):
+        G[i:i + b, i:] = x[:, i:i + b].T @ x[:, i:]
+    G = torch.triu(G)  # the lower panels were never written
+    return (G + torch.triu(G, 1).T).numpy().astype(np.float64)
 
 
 def _collect(layer, mods, hidden, run):
@@ -487,8 +527,9 @@ def _collect(layer, mods, hidden, run):
                 live[x.data_ptr()] = (x, leader_of[name])
             if leader_of[name] != name:
                 return
-            x2 = x.reshape(-1, x.shape[-1]).float().numpy()
+            x2 = x.reshape(-1, x.shape[-1]).float()
             gram = _gram(x2)
+            x2 = x2.numpy()
             absx = np.abs(x2).sum(0, dtype=np.float64)
             if name in stats:
                 s = stats[name]
