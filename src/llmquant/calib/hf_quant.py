@@ -37,7 +37,7 @@ from ..hf.export.formats import QLinear, check_format, pack, quantization_config
 from ..hf.safetensors import open_checkpoint, read_float32
 from .awq import AWQ_MAPPINGS, NO_CLIP, awq_clip, awq_scales
 from ..system import available_memory
-from .gptq import ACT_ORDERS, IntGrid, gptq, int_codes, rtn
+from .gptq import ACT_ORDERS, IntGrid, _inverse_upper, gptq, int_codes, rtn
 
 METHODS = ("gptq", "awq", "rtn")
 DATA = Path(__file__).parent.parent / "data"
@@ -415,23 +415,11 @@ def _torch_factor(Hd: np.ndarray) -> np.ndarray:
     L, info = torch.linalg.cholesky_ex(torch.from_numpy(np.ascontiguousarray(Hd[::-1, ::-1], np.float32)))
     if int(info):
         raise np.linalg.LinAlgError("not positive definite")
-    return _torch_inverse_upper(L.flip(0, 1).contiguous()).numpy()
 
+    def leaf(A):  # the triangle is inverted by halves, triangular solves below 256 rows (half the
+        return torch.linalg.solve_triangular(A, torch.eye(len(A), dtype=A.dtype), upper=True)  # time of one solve at 1536)
 
-def _torch_inverse_upper(R):
-    """R⁻¹ of an upper-triangular torch matrix by halves, [[A, B], [0, C]]⁻¹ = [[A⁻¹, −A⁻¹BC⁻¹],
-    [0, C⁻¹]], triangular solves below 256 (half the time of one solve against the identity at 1536)."""
-    import torch
-
-    n = R.shape[0]
-    if n <= 256:
-        return torch.linalg.solve_triangular(R, torch.eye(n, dtype=R.dtype), upper=True)
-    h = n // 2
-    Ai, Ci = _torch_inverse_upper(R[:h, :h]), _torch_inverse_upper(R[h:, h:])
-    out = torch.zeros_like(R)
-    out[:h, :h], out[h:, h:] = Ai, Ci
-    out[:h, h:] = -(Ai @ R[:h, h:]) @ Ci
-    return out
+    return _inverse_upper(L.flip(0, 1).contiguous(), leaf, 256, torch.zeros_like).numpy()
 
 
 def _input_groups(layer, mods, h, mask, pos, rotary) -> list[list[str]]:
