@@ -223,10 +223,10 @@ def inverse_factor(Hd: np.ndarray) -> np.ndarray:
     columns reversed, reversed back), Hd⁻¹ = R⁻ᵀR⁻¹, so U = R⁻¹ by the uniqueness of the factor —
     the textbook chol(inv(H)) without forming inv(H) (a third of the flops)."""
     R = np.ascontiguousarray(np.linalg.cholesky(Hd[::-1, ::-1])[::-1, ::-1])
-    return _inverse_upper(R)
+    return inverse_upper(R)
 
 
-def _inverse_upper(R, leaf=None, cut: int = 192, zeros=np.zeros_like):
+def inverse_upper(R, leaf=None, cut: int = 192, zeros=np.zeros_like):
     """R⁻¹ of an upper-triangular R by halves, [[A, B], [0, C]]⁻¹ = [[A⁻¹, −A⁻¹BC⁻¹], [0, C⁻¹]]: two
     matrix products per level instead of a general LU inverse (numpy has no trtri; 3x faster at 1536).
     ``leaf`` inverts a triangle of at most ``cut`` rows (numpy's inverse by default); with a torch
@@ -235,7 +235,7 @@ def _inverse_upper(R, leaf=None, cut: int = 192, zeros=np.zeros_like):
     if n <= cut:
         return leaf(R) if leaf else np.triu(np.linalg.inv(R))
     h = n // 2
-    Ai, Ci = _inverse_upper(R[:h, :h], leaf, cut, zeros), _inverse_upper(R[h:, h:], leaf, cut, zeros)
+    Ai, Ci = inverse_upper(R[:h, :h], leaf, cut, zeros), inverse_upper(R[h:, h:], leaf, cut, zeros)
     out = zeros(R)
     out[:h, :h], out[h:, h:] = Ai, Ci
     out[:h, h:] = -(Ai @ R[:h, h:]) @ Ci

@@ -37,7 +37,7 @@ from ..hf.export.formats import QLinear, check_format, pack, quantization_config
 from ..hf.safetensors import open_checkpoint, read_float32
 from .awq import AWQ_MAPPINGS, NO_CLIP, awq_clip, awq_scales
 from ..system import available_memory
-from .gptq import ACT_ORDERS, IntGrid, _inverse_upper, gptq, int_codes, rtn
+from .gptq import ACT_ORDERS, IntGrid, gptq, int_codes, inverse_upper, rtn
 
 METHODS = ("gptq", "awq", "rtn")
 DATA = Path(__file__).parent.parent / "data"
@@ -416,10 +416,12 @@ def _torch_factor(Hd: np.ndarray) -> np.ndarray:
     if int(info):
         raise np.linalg.LinAlgError("not positive definite")
 
-    def leaf(A):  # the triangle is inverted by halves, triangular solves below 256 rows (half the
-        return torch.linalg.solve_triangular(A, torch.eye(len(A), dtype=A.dtype), upper=True)  # time of one solve at 1536)
+    # the triangle inverted by halves, triangular solves below 256 rows: half the time of one solve
+    # against the identity at 1536
+    def leaf(A):
+        return torch.linalg.solve_triangular(A, torch.eye(len(A), dtype=A.dtype), upper=True)
 
-    return _inverse_upper(L.flip(0, 1).contiguous(), leaf, 256, torch.zeros_like).numpy()
+    return inverse_upper(L.flip(0, 1).contiguous(), leaf, 256, torch.zeros_like).numpy()
 
 
 def _input_groups(layer, mods, h, mask, pos, rotary) -> list[list[str]]:
@@ -493,8 +495,8 @@ def _gram(x) -> np.ndarray:
     G = torch.empty((n, n), dtype=torch.float32)
     for i in range(0, n, b):
         G[i:i + b, i:] = x[:, i:i + b].T @ x[:, i:]
-    G = torch.triu(G)  # the lower panels were never written
-    return (G + torch.triu(G, 1).T).numpy().astype(np.float64)
+    G.triu_()  # the lower panels were never written
+    return (G + G.triu(1).T).numpy().astype(np.float64)
 
 
 def _collect(layer, mods, hidden, run):
